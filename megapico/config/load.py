@@ -1,0 +1,133 @@
+"""YAML + dotted overrides -> a validated MegapicoConfig, or one ConfigError naming the key and the fix.
+
+Order of precedence: schema defaults < model_preset < YAML file < command-line `a.b=value` overrides.
+Unknown keys and wrong types are errors (never silently dropped); cross-field facts are checked once here.
+"""
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from megapico.config.presets import MODEL_PRESETS
+from megapico.config.schema import MegapicoConfig, ModelConfig, ParallelConfig
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message is one line naming the key and the fix."""
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "training.lr_decay_style": ("linear", "cosine"),
+    "training.precision": ("auto", "bf16", "fp32"),
+    "training.nan_policy": ("stop", "skip"),
+    "training.activation_checkpointing.mode": ("none", "full", "selective"),
+    "checkpointing.resume": ("auto", "true", "false"),
+    "logging.wandb_mode": ("offline", "online", "disabled"),
+}
+
+
+def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", "") or "?"
+        msg = str(err).splitlines()[0]
+        if "not in" in msg or "Key '" in msg:
+            raise ConfigError(f"{source}: unknown config key '{key}' (check the spelling against "
+                              f"megapico/config/schema.py)") from None
+        raise ConfigError(f"{source}: bad value for '{key}': {msg}") from None
+
+
+def load_config(yaml_path: str | Path | None = None, overrides: Sequence[str] = ()) -> MegapicoConfig:
+    """Build the run's config from an optional YAML file and `section.key=value` overrides."""
+    merged = OmegaConf.structured(MegapicoConfig)
+    yaml_cfg = OmegaConf.create()
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found (pass an existing YAML with --config)")
+        try:
+            yaml_cfg = OmegaConf.load(path)
+        except Exception as err:  # yaml.YAMLError and friends: report the file, not a traceback
+            raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(yaml_cfg, DictConfig):
+            raise ConfigError(f"{path}: top level must be a mapping of sections (model:, training:, ...)")
+    bad = [item for item in overrides if "=" not in item or item.startswith("=")]
+    if bad:
+        raise ConfigError(f"command line: override '{bad[0]}' is not of the form section.key=value")
+    cli_cfg = OmegaConf.from_dotlist(list(overrides))
+
+    preset = OmegaConf.select(cli_cfg, "model_preset") or OmegaConf.select(yaml_cfg, "model_preset")
+    if preset:
+        if preset not in MODEL_PRESETS:
+            raise ConfigError(f"model_preset '{preset}' is unknown; choose one of {sorted(MODEL_PRESETS)}")
+        merged.model = OmegaConf.structured(MODEL_PRESETS[preset])
+    merged = _merge(merged, yaml_cfg, str(yaml_path))
+    merged = _merge(merged, cli_cfg, "command line")
+    config: MegapicoConfig = OmegaConf.to_object(merged)
+    validate_config(config)
+    return config
+
+
+def validate_model(model: ModelConfig, parallel: ParallelConfig | None = None) -> None:
+    """Shape facts the model needs: divisibility of heads, hidden sizes and vocab by the TP size."""
+    positive = ("d_model", "n_layers", "attention_n_heads", "attention_n_kv_heads", "activation_hidden_dim",
+                "vocab_size", "max_seq_len")
+    for name in positive:
+        if getattr(model, name) <= 0:
+            raise ConfigError(f"model.{name} must be positive, got {getattr(model, name)}")
+    if model.d_model % model.attention_n_heads:
+        raise ConfigError(f"model.d_model={model.d_model} is not divisible by "
+                          f"model.attention_n_heads={model.attention_n_heads}")
+    if (model.d_model // model.attention_n_heads) % 2:
+        raise ConfigError(f"head dim {model.d_model // model.attention_n_heads} must be even for RoPE pairs")
+    if model.attention_n_heads % model.attention_n_kv_heads:
+        raise ConfigError(f"model.attention_n_heads={model.attention_n_heads} is not a multiple of "
+                          f"model.attention_n_kv_heads={model.attention_n_kv_heads}")
+    tp = parallel.tensor_parallel_size if parallel else 1
+    if tp < 1:
+        raise ConfigError(f"parallel.tensor_parallel_size must be >= 1, got {tp}")
+    for name in ("attention_n_heads", "attention_n_kv_heads", "activation_hidden_dim", "vocab_size"):
+        if getattr(model, name) % tp:
+            raise ConfigError(f"model.{name}={getattr(model, name)} is not divisible by "
+                              f"parallel.tensor_parallel_size={tp}; pick a TP size that divides it")
+
+
+def validate_config(config: MegapicoConfig, world_size: int | None = None) -> None:
+    """Cross-field checks, done once. With world_size, also the DP layout and the batch arithmetic."""
+    validate_model(config.model, config.parallel)
+    for dotted, allowed in CHOICES.items():
+        value = OmegaConf.select(OmegaConf.structured(config), dotted)
+        if value not in allowed:
+            raise ConfigError(f"{dotted}='{value}' is not one of {list(allowed)}")
+    if config.data.seq_len > config.model.max_seq_len:
+        raise ConfigError(f"data.seq_len={config.data.seq_len} exceeds model.max_seq_len="
+                          f"{config.model.max_seq_len}")
+    train = config.training
+    if train.lr_warmup_steps > train.max_steps:
+        raise ConfigError(f"training.lr_warmup_steps={train.lr_warmup_steps} exceeds "
+                          f"training.max_steps={train.max_steps}")
+    if train.activation_checkpointing.every_n_layers < 1:
+        raise ConfigError("training.activation_checkpointing.every_n_layers must be >= 1")
+    if world_size is not None:
+        tp = config.parallel.tensor_parallel_size
+        if world_size % tp:
+            raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor_parallel_size={tp}")
+        derived = train.micro_batch_size * train.gradient_accumulation_steps * (world_size // tp)
+        if train.global_batch_size not in (0, derived):
+            raise ConfigError(
+                f"training.global_batch_size={train.global_batch_size} != micro_batch_size "
+                f"{train.micro_batch_size} x gradient_accumulation_steps {train.gradient_accumulation_steps} x "
+                f"data-parallel size {world_size // tp} = {derived}; fix one of them")
+
+
+def config_to_yaml(config: MegapicoConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def save_config(config: MegapicoConfig, path: str | Path) -> None:
+    Path(path).write_text(config_to_yaml(config))
+
+

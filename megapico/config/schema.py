@@ -1,0 +1,137 @@
+"""The one configuration tree of megapico: a dataclass per concern, a docstring under each field.
+
+Every entry point (pretrain.py, tools/*) loads this tree through `megapico.config.load_config`, so a
+value has one name, one type and one place where it is checked. Builders receive only their branch.
+"""
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    """pico-decoder shape. Field names are those of pico's config.json, so the two convert 1:1."""
+
+    d_model: int = 96
+    """Hidden size; head_dim = d_model / attention_n_heads."""
+    n_layers: int = 12
+    attention_n_heads: int = 12
+    attention_n_kv_heads: int = 4
+    """Key/value heads (GQA): query head h reads kv head h // (n_heads / n_kv_heads)."""
+    activation_hidden_dim: int = 384
+    """SwiGLU hidden units (w_0, w_1: [hidden, d_model])."""
+    vocab_size: int = 50304
+    """Padded vocabulary (pico's tokenizer has 50280 tokens). Pinned here, never derived from the TP size."""
+    max_seq_len: int = 2048
+    norm_eps: float = 1e-6
+    position_emb_theta: float = 10000.0
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    """Ranks that split every layer (Megatron TP). Data parallelism is world_size / tensor_parallel_size."""
+
+
+@dataclass
+class DataConfig:
+    train_data_path: list[str] = field(default_factory=list)
+    """Megatron form: ["PREFIX"] or ["0.3", "PREFIX_A", "0.7", "PREFIX_B"] (weight, prefix pairs) of .bin/.idx."""
+    split: str = "969,30,1"
+    """train,valid,test proportions of documents, applied to every prefix of train_data_path."""
+    eval_data_path: list[str] = field(default_factory=list)
+    """A separate held-out prefix for evaluation (pico's "paloma"); empty = the valid split."""
+    seq_len: int = 2048
+    """Tokens per training sequence (each sample reads seq_len + 1 tokens)."""
+    tokenizer: str = ""
+    """Tokenizer the data was built with (HF tokenizers JSON, HF directory or sentencepiece .model)."""
+    seed: int = 1234
+    """Seed of the document/sample shuffles."""
+    cache_dir: str = ""
+    """Where the sample-index .npy files go; empty = next to the data."""
+
+
+@dataclass
+class ActivationCheckpointingConfig:
+    mode: str = "none"
+    """none | full (recompute whole blocks) | selective (recompute only the attention core)."""
+    every_n_layers: int = 1
+    """Checkpoint every N-th block (1 = all blocks)."""
+
+
+@dataclass
+class TrainingConfig:
+    max_steps: int = 200_000
+    micro_batch_size: int = 8
+    """Sequences per rank per forward/backward."""
+    gradient_accumulation_steps: int = 1
+    global_batch_size: int = 0
+    """Sequences per optimizer step; must equal micro x accumulation x DP (0 = derive it)."""
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 2500
+    lr_decay_style: str = "linear"
+    """linear (pico) | cosine; decays from lr to min_lr at max_steps."""
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.01
+    gradient_clipping: float = 0.0
+    """0 = no clipping (pico's recipe)."""
+    precision: str = "auto"
+    """auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32."""
+    seed: int = 42
+    """Seed of the weight initialisation (pico uses 42); identical on every rank so TP shards agree."""
+    deepspeed_config: str = "ds_configs/zero2_cpu.json"
+    """DeepSpeed JSON; batch sizes in it must agree with the values above."""
+    nan_policy: str = "stop"
+    """stop (raise naming the step) | skip (drop the update and go on) on a NaN/inf loss."""
+    activation_checkpointing: ActivationCheckpointingConfig = field(default_factory=ActivationCheckpointingConfig)
+
+
+@dataclass
+class EvaluationConfig:
+    interval: int = 1000
+    """Evaluate every N steps (and at the end); 0 = only at the end."""
+    max_batches: int = 0
+    """Micro batches per evaluation on each DP rank; 0 = the whole eval set."""
+    name: str = "paloma"
+    """Key of the perplexity in eval_results/step_N.json and wandb (eval/<name>)."""
+
+
+@dataclass
+class LearningDynamicsConfig:
+    enabled: bool = True
+    batch_size: int = 256
+    """Sequences in the fixed learning-dynamics batch (pico-analyze's pwcca wants more than d_model)."""
+
+
+@dataclass
+class CheckpointingConfig:
+    run_name: str = "megapico-run"
+    runs_dir: str = "runs"
+    save_interval: int = 1000
+    resume: str = "auto"
+    """auto (resume when checkpoints/latest exists) | true (must resume) | false (start fresh)."""
+    learning_dynamics: LearningDynamicsConfig = field(default_factory=LearningDynamicsConfig)
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    wandb_mode: str = "offline"
+    """offline (files in the run directory) | online | disabled."""
+    wandb_project: str = "megapico"
+    wandb_entity: str = ""
+
+
+@dataclass
+class MegapicoConfig:
+    model_preset: str = ""
+    """tiny | small | medium | large: fills `model` before YAML/CLI values for it are applied."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -1,0 +1,17 @@
+"""Tensor parallelism: process groups (and DeepSpeed's mpu), autograd mappings, layers, vocab-parallel loss."""
+
+from megapico.parallel.cross_entropy import vocab_parallel_cross_entropy
+from megapico.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megapico.parallel.mappings import (
+    copy_to_tensor_parallel,
+    gather_from_tensor_parallel,
+    reduce_from_tensor_parallel,
+    scatter_to_tensor_parallel,
+)
+from megapico.parallel.state import ParallelState, default_backend, free_port, init_distributed
+
+__all__ = [
+    "ColumnParallelLinear", "ParallelState", "RowParallelLinear", "VocabParallelEmbedding",
+    "copy_to_tensor_parallel", "default_backend", "free_port", "gather_from_tensor_parallel", "init_distributed",
+    "reduce_from_tensor_parallel", "scatter_to_tensor_parallel", "vocab_parallel_cross_entropy",
+]

@@ -1,0 +1,104 @@
+"""Tensor-parallel layers: thin modules that only compose the mappings in mappings.py.
+
+Every layer draws its FULL weight from the global (seeded) RNG and keeps this rank's slice, so the
+same seed gives the same full model at every TP size, and the RNG is consumed exactly as torch's own
+nn.Linear / nn.Embedding would consume it (pico-train's initialisation is reproduced bit for bit).
+Sharded parameters carry `tensor_model_parallel=True` and `partition_dim`, which DeepSpeed reads to
+count them once in the gradient norm, and which checkpoint gather/shard code can rely on.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from megapico.parallel.mappings import (
+    copy_to_tensor_parallel,
+    gather_from_tensor_parallel,
+    group_rank,
+    group_size,
+    reduce_from_tensor_parallel,
+)
+
+
+def kaiming_uniform_init(weight: torch.Tensor) -> None:
+    """torch's nn.Linear default (a=sqrt(5)), on the full [out, in] tensor so fan_in is the full one."""
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+
+def _shard_of_full(shape: tuple[int, int], partition_dim: int, init: Callable[[torch.Tensor], None],
+                   group: ProcessGroup | None) -> nn.Parameter:
+    full = torch.empty(shape)
+    init(full)
+    shard = full.chunk(group_size(group), dim=partition_dim)[group_rank(group)].clone()
+    param = nn.Parameter(shard)
+    param.tensor_model_parallel = True
+    param.partition_dim = partition_dim
+    return param
+
+
+def divide(numerator: int, denominator: int, what: str) -> int:
+    if numerator % denominator:
+        raise ValueError(f"{what}={numerator} is not divisible by the tensor-parallel size {denominator}")
+    return numerator // denominator
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W split by output rows: each rank computes out_features / tp of the outputs.
+
+    copy_input=False lets a caller that feeds several column layers from one input (q/k/v, w_0/w_1) copy
+    it into the TP region once, so backward does one all-reduce instead of one per projection.
+    """
+
+    def __init__(self, in_features: int, out_features: int, tp_group: ProcessGroup | None = None,
+                 gather_output: bool = False, copy_input: bool = True,
+                 init: Callable[[torch.Tensor], None] = kaiming_uniform_init) -> None:
+        super().__init__()
+        divide(out_features, group_size(tp_group), "out_features")
+        self.tp_group, self.gather_output, self.copy_input = tp_group, gather_output, copy_input
+        self.weight = _shard_of_full((out_features, in_features), 0, init, tp_group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.copy_input:
+            x = copy_to_tensor_parallel(x, self.tp_group)
+        y = F.linear(x, self.weight)
+        return gather_from_tensor_parallel(y, self.tp_group) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W split by input columns: the input arrives already split (from a column layer),
+    each rank forms a partial sum, and one all-reduce completes it."""
+
+    def __init__(self, in_features: int, out_features: int, tp_group: ProcessGroup | None = None,
+                 init: Callable[[torch.Tensor], None] = kaiming_uniform_init) -> None:
+        super().__init__()
+        divide(in_features, group_size(tp_group), "in_features")
+        self.tp_group = tp_group
+        self.weight = _shard_of_full((out_features, in_features), 1, init, tp_group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return reduce_from_tensor_parallel(F.linear(x, self.weight), self.tp_group)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding whose rows (the vocabulary) are split over TP ranks; each rank looks up the ids it owns,
+    writes zeros for the rest, and an all-reduce assembles the full embeddings."""
+
+    def __init__(self, vocab_size: int, dim: int, tp_group: ProcessGroup | None = None) -> None:
+        super().__init__()
+        self.tp_group = tp_group
+        self.vocab_per_rank = divide(vocab_size, group_size(tp_group), "vocab_size")
+        self.vocab_start = group_rank(tp_group) * self.vocab_per_rank
+        self.weight = _shard_of_full((vocab_size, dim), 0, nn.init.normal_, tp_group)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if group_size(self.tp_group) == 1:
+            return F.embedding(input_ids, self.weight)
+        local_ids = input_ids - self.vocab_start
+        foreign = (local_ids < 0) | (local_ids >= self.vocab_per_rank)
+        embedded = F.embedding(local_ids.masked_fill(foreign, 0), self.weight)
+        embedded = embedded.masked_fill(foreign.unsqueeze(-1), 0.0)
+        return reduce_from_tensor_parallel(embedded, self.tp_group)

@@ -1,0 +1,30 @@
+"""Install megapico: `pip install -e .[test]` (scripts/ensure_venv.sh does this in ./.venv)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megapico",
+    version="0.1.0",
+    description="Megatron/DeepSpeed-style tensor-parallel + ZeRO-2 pretraining for the pico-decoder models",
+    packages=find_packages(include=["megapico", "megapico.*"]),
+    package_data={"megapico.convert": ["pico_decoder_hf.py"]},
+    python_requires=">=3.10",
+    install_requires=[
+        # Pinned: on a CPU machine this resolves to the local CPU wheel, on a GPU machine to the CUDA build.
+        "torch==2.13.0",
+        "deepspeed==0.19.8",
+        "datasets>=3.0",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.20",
+        "transformers>=4.45",
+        "safetensors>=0.4",
+        "wandb>=0.18",
+        "omegaconf>=2.3",
+        "tqdm>=4.66",
+        "numpy>=1.26",
+        "pyarrow>=15",
+        "zstandard>=0.22",
+        "psutil>=5.9",
+    ],
+    extras_require={"test": ["pytest>=8", "ruff>=0.6"]},
+)

@@ -1,0 +1,90 @@
+"""megapico's PicoDecoder at TP=1 against the plain reference implementation of the spec."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+from reference_pico import ReferencePicoDecoder
+
+from megapico.config import MODEL_PRESETS, ModelConfig
+from megapico.model import PicoDecoder
+
+SMALL = ModelConfig(d_model=48, n_layers=2, attention_n_heads=12, attention_n_kv_heads=4,
+                    activation_hidden_dim=96, vocab_size=256, max_seq_len=32)
+
+
+def _pair(config, seed=42):
+    torch.manual_seed(seed)
+    ours = PicoDecoder(config)
+    torch.manual_seed(seed)
+    reference = ReferencePicoDecoder(config)
+    return ours, reference
+
+
+def test_tiny_parameter_count_and_state_dict_matches_pico():
+    model = PicoDecoder(MODEL_PRESETS["tiny"])
+    assert sum(p.numel() for p in model.parameters()) == 11_282_784
+    reference = ReferencePicoDecoder(MODEL_PRESETS["tiny"])
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in reference.state_dict().items()}
+    assert list(ours) == list(theirs)  # same keys, same order (pico's module creation order)
+    assert ours == theirs
+    assert ours["embedding_proj.weight"] == (50304, 96)
+    assert ours["layers.0.attention.k_proj.weight"] == (32, 96)
+    assert ours["layers.11.swiglu.w_2.weight"] == (96, 384)
+
+
+def test_same_seed_gives_pico_initial_weights():
+    ours, reference = _pair(SMALL)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("seq_len", [1, 7, SMALL.max_seq_len])
+def test_logits_and_loss_match_reference(seq_len):
+    ours, reference = _pair(SMALL)
+    input_ids = torch.randint(0, SMALL.vocab_size, (3, seq_len))
+    labels = torch.randint(0, SMALL.vocab_size, (3, seq_len))
+    labels[0, 0] = -100
+    logits = ours(input_ids)
+    expected = reference(input_ids)
+    assert logits.dtype == torch.float32 and logits.shape == (3, seq_len, SMALL.vocab_size)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
+    expected_loss = F.cross_entropy(expected.flatten(0, 1), labels.flatten(), ignore_index=-100)
+    torch.testing.assert_close(ours(input_ids, labels), expected_loss, atol=1e-5, rtol=0)
+
+
+def test_gradients_match_reference():
+    ours, reference = _pair(SMALL)
+    input_ids = torch.randint(0, SMALL.vocab_size, (2, 16))
+    labels = torch.randint(0, SMALL.vocab_size, (2, 16))
+    ours(input_ids, labels).backward()
+    F.cross_entropy(reference(input_ids).flatten(0, 1), labels.flatten()).backward()
+    theirs = dict(reference.named_parameters())
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param.grad, theirs[name].grad, atol=1e-5, rtol=0, msg=name)
+
+
+def test_tiny_preset_at_full_context_matches_reference():
+    config = dataclasses.replace(MODEL_PRESETS["tiny"], n_layers=1)
+    ours, reference = _pair(config)
+    input_ids = torch.randint(0, config.vocab_size, (1, config.max_seq_len))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids), reference(input_ids), atol=1e-5, rtol=0)
+
+
+def test_longer_than_max_seq_len_is_refused():
+    model = PicoDecoder(SMALL)
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        model(torch.zeros(1, SMALL.max_seq_len + 1, dtype=torch.long))
+
+
+def test_models_share_no_state():
+    """pico's class-level RoPE cache tied instances together; ours must not."""
+    a = PicoDecoder(SMALL)
+    b = PicoDecoder(dataclasses.replace(SMALL, position_emb_theta=500.0))
+    b.load_state_dict(a.state_dict())
+    x = torch.randint(0, SMALL.vocab_size, (1, 8))
+    assert not torch.allclose(a(x), b(x))
+    assert not any(True for _ in a.buffers())
