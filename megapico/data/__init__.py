@@ -1,0 +1,1 @@
+"""Data: tokenizers, Megatron .bin/.idx writer/reader, the streaming preprocess builder, GPT samples."""

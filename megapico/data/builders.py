@@ -1,0 +1,42 @@
+"""From the `data` config section to the datasets the trainer reads (single prefix or weighted blend)."""
+
+import math
+from pathlib import Path
+
+from megapico.data.blended_dataset import BlendedDataset
+from megapico.data.gpt_dataset import GPTDataset
+from megapico.data.indexed_dataset import DataError, IndexedDataset
+
+
+def parse_blend(paths: list[str]) -> list[tuple[float, str]]:
+    """["PREFIX"] | ["0.3", "A", "0.7", "B"] | ["0.3 A 0.7 B"] (Megatron's --data-path) -> [(weight, prefix)]."""
+    items = [item for path in paths for item in str(path).split()]
+    if not items:
+        raise DataError("data.train_data_path is empty: give a .bin/.idx prefix (see tools/preprocess_data.py)")
+    if len(items) == 1:
+        return [(1.0, items[0])]
+    if len(items) % 2:
+        raise DataError(f"data path {items} must be a single prefix or weight/prefix pairs like 0.3 A 0.7 B")
+    try:
+        blend = [(float(items[i]), items[i + 1]) for i in range(0, len(items), 2)]
+    except ValueError:
+        raise DataError(f"data path {items}: weights must be numbers (form: 0.3 A 0.7 B)") from None
+    if any(weight <= 0 for weight, _ in blend):
+        raise DataError(f"data path {items}: weights must be positive")
+    return blend
+
+
+def build_dataset(paths: list[str], split_name: str, num_samples: int, seq_len: int, seed: int,
+                  split: str = "969,30,1", cache_dir: str = "") -> GPTDataset | BlendedDataset:
+    """The dataset of one split over a prefix or a blend; rank 0 builds the index caches, others wait."""
+    blend = parse_blend(paths)
+    total = sum(weight for weight, _ in blend)
+    datasets = []
+    for weight, prefix in blend:
+        wanted = num_samples if len(blend) == 1 else math.ceil(weight / total * num_samples * 1.005)
+        datasets.append(GPTDataset(IndexedDataset(prefix), split_name, wanted, seq_len, seed, split,
+                                   cache_dir or None))
+    if len(datasets) == 1:
+        return datasets[0]
+    cache = Path(cache_dir) if cache_dir else Path(blend[0][1]).parent / "index-cache"
+    return BlendedDataset(datasets, [weight / total for weight, _ in blend], num_samples, cache)

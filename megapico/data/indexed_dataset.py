@@ -1,0 +1,204 @@
+"""Megatron-LM's binary indexed dataset (.bin tokens + .idx index), byte for byte.
+
+.idx layout (little-endian): magic b"MMIDIDX\\x00\\x00", uint64 version 1, uint8 dtype code, uint64
+sequence_count, uint64 document_count, int32 sequence_lengths[sequence_count], int64
+sequence_pointers[sequence_count] (byte offsets into .bin), int64 document_indices[document_count].
+
+The writer streams: tokens go straight to .bin and lengths to a side file, so memory stays flat whatever
+the corpus size; the .idx is assembled from that side file in chunks at the end. Output appears atomically
+(temporary names, fsync, rename .bin then .idx, any old .idx removed first), so a pair under the final
+names is always complete. The reader memory-maps both files and validates them on open.
+"""
+
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence_count, document_count
+DTYPE_CODES: dict[int, type] = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64,
+                                7: np.float32, 8: np.uint16}
+_CHUNK = 1 << 22  # entries per chunk when copying index arrays (16-32 MB)
+
+
+class DataError(ValueError):
+    """Bad data or a bad file; the message is one line naming the file and what is wrong."""
+
+
+def token_dtype(vocab_size: int) -> type:
+    """Megatron's choice: uint16 when every id fits comfortably, int32 otherwise."""
+    return np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32
+
+
+def dtype_code(dtype: type) -> int:
+    for code, candidate in DTYPE_CODES.items():
+        if np.dtype(candidate) == np.dtype(dtype):
+            return code
+    raise ValueError(f"dtype {dtype} has no Megatron dtype code")
+
+
+def data_file_paths(prefix: str | Path) -> tuple[Path, Path]:
+    return Path(f"{prefix}.bin"), Path(f"{prefix}.idx")
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+class IndexedDatasetWriter:
+    """Streams documents (one sequence each, as Megatron's preprocess does) into `{prefix}.bin/.idx`.
+
+    Use as a context manager: leaving it normally finalises atomically, an exception removes every
+    temporary file and leaves whatever was under the final names untouched.
+    """
+
+    def __init__(self, prefix: str | Path, dtype: type) -> None:
+        self.prefix = Path(prefix)
+        self.dtype = np.dtype(dtype)
+        self.bin_path, self.idx_path = data_file_paths(self.prefix)
+        self.bin_path.parent.mkdir(parents=True, exist_ok=True)
+        suffix = f".tmp-{os.getpid()}"
+        self._tmp_bin = Path(str(self.bin_path) + suffix)
+        self._tmp_idx = Path(str(self.idx_path) + suffix)
+        self._tmp_lengths = Path(str(self.prefix) + ".lengths" + suffix)
+        self._bin = open(self._tmp_bin, "wb")
+        self._lengths = open(self._tmp_lengths, "wb")
+        self.num_documents = 0
+        self.num_tokens = 0
+
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Append documents given as one flat token array and their lengths (sum(lengths) == len(tokens))."""
+        if int(lengths.sum()) != len(tokens):
+            raise ValueError("lengths do not add up to the number of tokens")
+        self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
+        self._lengths.write(np.asarray(lengths, dtype=np.int32).tobytes())
+        self.num_documents += len(lengths)
+        self.num_tokens += len(tokens)
+
+    def add_document(self, tokens: np.ndarray) -> None:
+        self.add_documents(np.asarray(tokens), np.array([len(tokens)], dtype=np.int32))
+
+    def append_dataset(self, dataset: "IndexedDataset") -> None:
+        """Append every document of an existing dataset, streaming its bytes (used to merge prefixes)."""
+        if dataset.dtype != self.dtype:
+            raise DataError(f"{dataset.idx_path}: token dtype {dataset.dtype} differs from the output's {self.dtype}")
+        with open(dataset.bin_path, "rb") as source:
+            shutil.copyfileobj(source, self._bin, length=1 << 24)
+        for start in range(0, len(dataset), _CHUNK):
+            self._lengths.write(np.asarray(dataset.sequence_lengths[start:start + _CHUNK], np.int32).tobytes())
+        self.num_documents += len(dataset)
+        self.num_tokens += int(dataset.num_tokens)
+
+    def _write_index(self) -> None:
+        count = self.num_documents
+        with open(self._tmp_idx, "wb") as idx, open(self._tmp_lengths, "rb") as lengths_file:
+            idx.write(HEADER.pack(MAGIC, VERSION, dtype_code(self.dtype), count, count + 1))
+            shutil.copyfileobj(lengths_file, idx, length=1 << 24)
+            lengths_file.seek(0)
+            offset = 0
+            while chunk := lengths_file.read(4 * _CHUNK):
+                lengths = np.frombuffer(chunk, dtype=np.int32).astype(np.int64) * self.dtype.itemsize
+                ends = np.cumsum(lengths) + offset
+                idx.write((ends - lengths).tobytes())
+                offset = int(ends[-1])
+            for start in range(0, count + 1, _CHUNK):
+                idx.write(np.arange(start, min(start + _CHUNK, count + 1), dtype=np.int64).tobytes())
+
+    def finalize(self) -> None:
+        self._bin.close()
+        self._lengths.close()
+        self._write_index()
+        _fsync(self._tmp_bin)
+        _fsync(self._tmp_idx)
+        self.idx_path.unlink(missing_ok=True)  # never pair an old .idx with a new .bin
+        os.replace(self._tmp_bin, self.bin_path)
+        os.replace(self._tmp_idx, self.idx_path)
+        self._tmp_lengths.unlink(missing_ok=True)
+
+    def abort(self) -> None:
+        self._bin.close()
+        self._lengths.close()
+        for path in (self._tmp_bin, self._tmp_idx, self._tmp_lengths):
+            path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "IndexedDatasetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
+        if exc_type is None:
+            self.finalize()
+        else:
+            self.abort()
+
+
+class IndexedDataset:
+    """Memory-mapped reader of `{prefix}.bin/.idx`; validates magic, version, dtype and sizes on open."""
+
+    def __init__(self, prefix: str | Path) -> None:
+        self.prefix = Path(prefix)
+        self.bin_path, self.idx_path = data_file_paths(prefix)
+        for path in (self.idx_path, self.bin_path):
+            if not path.is_file():
+                raise DataError(f"{path}: missing (build it with tools/preprocess_data.py, or fix the data path)")
+        idx_size = self.idx_path.stat().st_size
+        if idx_size < HEADER.size:
+            raise DataError(f"{self.idx_path}: truncated index ({idx_size} bytes is shorter than the header)")
+        with open(self.idx_path, "rb") as handle:
+            magic, version, code, seq_count, doc_count = HEADER.unpack(handle.read(HEADER.size))
+        if magic != MAGIC:
+            raise DataError(f"{self.idx_path}: not a Megatron .idx file (bad magic {magic[:9]!r})")
+        if version != VERSION:
+            raise DataError(f"{self.idx_path}: unsupported index version {version} (expected {VERSION})")
+        if code not in DTYPE_CODES:
+            raise DataError(f"{self.idx_path}: unknown dtype code {code}")
+        expected = HEADER.size + 12 * seq_count + 8 * doc_count
+        if idx_size != expected:
+            raise DataError(f"{self.idx_path}: {idx_size} bytes but {seq_count} sequences and {doc_count} document "
+                            f"entries need {expected} (truncated or corrupt; rebuild it)")
+        self.dtype = np.dtype(DTYPE_CODES[code])
+        self._index = np.memmap(self.idx_path, mode="r", dtype=np.uint8)
+        offset = HEADER.size
+        self.sequence_lengths = np.frombuffer(self._index, np.int32, seq_count, offset)
+        offset += 4 * seq_count
+        self.sequence_pointers = np.frombuffer(self._index, np.int64, seq_count, offset)
+        offset += 8 * seq_count
+        self.document_indices = np.frombuffer(self._index, np.int64, doc_count, offset)
+        if doc_count == 0 or self.document_indices[-1] != seq_count:
+            raise DataError(f"{self.idx_path}: document indices do not end at the sequence count {seq_count}")
+        bin_size = self.bin_path.stat().st_size
+        need = 0 if seq_count == 0 else int(self.sequence_pointers[-1]) + int(self.sequence_lengths[-1]) * \
+            self.dtype.itemsize
+        if bin_size != need:
+            raise DataError(f"{self.bin_path}: {bin_size} bytes but its index describes {need} "
+                            f"({'truncated' if bin_size < need else 'extra bytes'}; rebuild the pair)")
+        self._bin = np.memmap(self.bin_path, mode="r", dtype=self.dtype) if bin_size else np.empty(0, self.dtype)
+        self.num_tokens = int(self.sequence_lengths.sum(dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.sequence_lengths)
+
+    def get(self, index: int, offset: int = 0, length: int | None = None) -> np.ndarray:
+        """Tokens of sequence `index` from `offset`, `length` of them (default: to its end)."""
+        start = int(self.sequence_pointers[index]) // self.dtype.itemsize + offset
+        if length is None:
+            length = int(self.sequence_lengths[index]) - offset
+        return self._bin[start:start + length]
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return self.get(index)
+
+
+def merge_datasets(prefixes: list[str | Path], output_prefix: str | Path) -> IndexedDataset:
+    """Concatenate several prefixes (same dtype) into one, in the order given."""
+    datasets = [IndexedDataset(prefix) for prefix in prefixes]
+    if not datasets:
+        raise DataError("nothing to merge: no input prefixes")
+    with IndexedDatasetWriter(output_prefix, datasets[0].dtype) as writer:
+        for dataset in datasets:
+            writer.append_dataset(dataset)
+    return IndexedDataset(output_prefix)

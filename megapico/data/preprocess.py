@@ -1,0 +1,251 @@
+"""Dolma (JSON lines, gz, zst, parquet, HF datasets) -> Megatron .bin/.idx, parallel and streaming.
+
+Work flows as chunks (readers.py): the main process reads raw bytes, workers parse JSON, validate and
+batch-encode with the tokenizer's Rust batch API, and send back numpy arrays (tokens + lengths); the main
+process writes them in input order. At most 2 x workers chunks are in flight, so memory stays flat.
+Each input file becomes an atomically finished part under `{output_prefix}.parts/`, so a re-run skips the
+files already done; the parts are then merged into `{output_prefix}_{key}_document.{bin,idx}`.
+"""
+
+import hashlib
+import json
+import multiprocessing
+import multiprocessing.pool
+import os
+import shutil
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from megapico.data.indexed_dataset import DataError, IndexedDataset, IndexedDatasetWriter, merge_datasets, token_dtype
+from megapico.data.readers import Chunk, discover_sources, read_chunks
+from megapico.data.tokenizer import Tokenizer, load_tokenizer
+
+
+@dataclass
+class PreprocessOptions:
+    input: str
+    output_prefix: str
+    json_keys: list[str] = field(default_factory=lambda: ["text"])
+    tokenizer_model: str | None = None
+    tokenizer_type: str | None = None
+    append_eod: bool = False
+    workers: int = 1
+    skip_bad_records: bool = False
+    hf_split: str = "train"
+    vocab_size: int | None = None  # only for pretokenized input without a tokenizer
+
+
+@dataclass
+class ChunkResult:
+    tokens: dict[str, tuple[np.ndarray, np.ndarray]]
+    skipped: Counter
+    error: str | None
+    documents_in: int
+    num_bytes: int
+
+
+# ---- worker side -------------------------------------------------------------------------------------
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_model: str | None, tokenizer_type: str | None, threads: int | None = None) -> None:
+    """Load the tokenizer once per process. With several worker processes each gets one Rust thread, so the
+    batch encoder's thread pool does not oversubscribe the cores the processes already fill."""
+    global _worker_tokenizer
+    if threads is not None:
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
+    _worker_tokenizer = load_tokenizer(tokenizer_model, tokenizer_type) if tokenizer_model else None
+
+
+def _parse_lines(chunk: Chunk, keys: list[str], skipped: Counter) -> tuple[dict[str, list[str]], str | None]:
+    """JSON lines -> texts per key; a bad record is counted (and reported as the first error)."""
+    texts: dict[str, list[str]] = {key: [] for key in keys}
+    first_error = None
+    for offset, line in enumerate(chunk.lines.split(b"\n")[:-1]):
+        if not line.strip():
+            continue
+        reason = None
+        try:
+            record = json.loads(line.decode("utf-8"))
+            if not isinstance(record, dict):
+                reason = "not a JSON object"
+            elif any(key not in record for key in keys):
+                reason = f"no key '{next(key for key in keys if key not in record)}'"
+            elif any(not isinstance(record[key], str) for key in keys):
+                reason = "value is not a string"
+        except UnicodeDecodeError:
+            reason = "non-UTF-8 bytes"
+        except json.JSONDecodeError:
+            reason = "malformed JSON"
+        if reason:
+            skipped[reason] += 1
+            first_error = first_error or f"{chunk.source}:{chunk.first_row + offset}: {reason}"
+            continue
+        for key in keys:
+            texts[key].append(record[key])
+    return texts, first_error
+
+
+def _check_ids(chunk: Chunk, key: str, ids: np.ndarray, lengths: np.ndarray, vocab_size: int,
+               skipped: Counter) -> tuple[np.ndarray, np.ndarray, str | None]:
+    """Drop documents holding ids outside [0, vocab); report the first one by row."""
+    bad_token = (ids < 0) | (ids >= vocab_size)
+    if not bad_token.any():
+        return ids, lengths, None
+    doc_of_token = np.repeat(np.arange(len(lengths)), lengths)
+    bad_docs = np.unique(doc_of_token[bad_token])
+    skipped["token id outside the vocabulary"] += len(bad_docs)
+    error = (f"{chunk.source}:{chunk.first_row + int(bad_docs[0])}: token id {int(ids[bad_token][0])} in column "
+             f"'{key}' is outside the vocabulary [0, {vocab_size})")
+    keep_doc = np.ones(len(lengths), bool)
+    keep_doc[bad_docs] = False
+    return ids[keep_doc[doc_of_token]], lengths[keep_doc], error
+
+
+def process_chunk(chunk: Chunk, keys: list[str], append_eod: bool, eod_id: int | None,
+                  vocab_size: int) -> ChunkResult:
+    skipped: Counter = Counter()
+    error = None
+    if chunk.lines is not None:
+        texts, error = _parse_lines(chunk, keys, skipped)
+    else:
+        texts = chunk.texts or {}
+    documents_in = len(next(iter(texts.values()))) if texts else 0
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for key, values in texts.items():
+        bad = [row for row, text in enumerate(values) if not isinstance(text, str)]
+        if bad:
+            skipped["value is not a string"] += len(bad)
+            error = error or f"{chunk.source}:{chunk.first_row + bad[0]}: column '{key}' value is not a string"
+            values = [text for text in values if isinstance(text, str)]
+        out[key] = _worker_tokenizer.encode_batch(values)
+    for key, (ids, lengths) in (chunk.token_ids or {}).items():
+        documents_in = len(lengths)
+        ids, lengths, id_error = _check_ids(chunk, key, ids, lengths, vocab_size, skipped)
+        error = error or id_error
+        out[key] = (ids, lengths)
+    for key, (ids, lengths) in out.items():
+        empty = lengths == 0
+        if empty.any():
+            skipped[f"empty document ({key})"] += int(empty.sum())
+            lengths = lengths[~empty]
+        if append_eod:
+            ends = np.cumsum(lengths)
+            ids = np.insert(ids, ends, eod_id)
+            lengths = lengths + 1
+        out[key] = (ids, lengths)
+    return ChunkResult(out, skipped, error, documents_in, chunk.num_bytes)
+
+
+# ---- main side ---------------------------------------------------------------------------------------
+def output_prefix_for(output_prefix: str, key: str) -> str:
+    return f"{output_prefix}_{key}_document"
+
+
+def _part_prefix(parts_dir: Path, index: int, source: str, key: str, options: PreprocessOptions) -> Path:
+    stat = Path(source).stat()
+    identity = json.dumps([os.path.abspath(source), stat.st_size, stat.st_mtime_ns, key, options.tokenizer_model,
+                           options.append_eod, options.skip_bad_records])
+    digest = hashlib.sha1(identity.encode()).hexdigest()[:12]
+    return parts_dir / f"{index:05d}-{Path(source).name}-{key}-{digest}"
+
+
+def _is_complete(prefix: Path) -> bool:
+    try:
+        IndexedDataset(prefix)
+        return True
+    except DataError:
+        return False
+
+
+def preprocess(options: PreprocessOptions) -> dict:
+    """Build the output prefixes; returns the summary (documents, tokens, skipped by reason, seconds)."""
+    start = time.perf_counter()
+    sources = discover_sources(options.input)
+    tokenizer = load_tokenizer(options.tokenizer_model, options.tokenizer_type) if options.tokenizer_model else None
+    vocab_size = tokenizer.vocab_size if tokenizer else options.vocab_size
+    eod_id = tokenizer.eod_id if tokenizer else None
+    if vocab_size is None:
+        raise DataError("no tokenizer: pass --tokenizer-model (or --vocab-size for already tokenized input)")
+    if options.append_eod and eod_id is None:
+        raise DataError("--append-eod needs the tokenizer's end-of-document id: pass --tokenizer-model")
+    dtype = token_dtype(vocab_size)
+    parts_dir = Path(f"{options.output_prefix}.parts")
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    totals = Counter()
+    skipped: Counter = Counter()
+    pool = None
+    if options.workers > 1:
+        pool = multiprocessing.get_context("spawn").Pool(
+            options.workers, _init_worker, (options.tokenizer_model, options.tokenizer_type, 1))
+    else:
+        _init_worker(options.tokenizer_model, options.tokenizer_type)
+    total_bytes = sum(Path(s).stat().st_size for s in sources if Path(s).is_file())
+    progress = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", dynamic_ncols=True,
+                    miniters=1, mininterval=1.0)
+    part_prefixes: dict[str, list[Path]] = {key: [] for key in options.json_keys}
+    try:
+        for index, source in enumerate(sources):
+            prefixes = {key: _part_prefix(parts_dir, index, source, key, options) for key in options.json_keys}
+            for key in options.json_keys:
+                part_prefixes[key].append(prefixes[key])
+            if all(_is_complete(prefix) for prefix in prefixes.values()):
+                progress.update(Path(source).stat().st_size if Path(source).is_file() else 0)
+                totals["resumed files"] += 1
+                continue
+            writers = {key: IndexedDatasetWriter(prefix, dtype) for key, prefix in prefixes.items()}
+            try:
+                _process_source(source, options, writers, pool, eod_id, vocab_size, progress, totals, skipped)
+            except BaseException:
+                for writer in writers.values():
+                    writer.abort()
+                raise
+            for writer in writers.values():
+                writer.finalize()
+    finally:
+        progress.close()
+        if pool is not None:
+            pool.terminate()
+    finals = {}
+    for key, prefixes in part_prefixes.items():
+        final = merge_datasets(prefixes, output_prefix_for(options.output_prefix, key))
+        finals[key] = final
+    shutil.rmtree(parts_dir)
+    first = finals[options.json_keys[0]]
+    return dict(documents=len(first), tokens=first.num_tokens, documents_read=totals["documents_in"],
+                skipped=dict(skipped), files=len(sources), resumed_files=totals["resumed files"],
+                seconds=time.perf_counter() - start,
+                outputs=[str(output_prefix_for(options.output_prefix, key)) for key in options.json_keys])
+
+
+def _process_source(source: str, options: PreprocessOptions, writers: dict[str, IndexedDatasetWriter],
+                    pool: multiprocessing.pool.Pool | None, eod_id: int | None, vocab_size: int, progress: tqdm,
+                    totals: Counter, skipped: Counter) -> None:
+    args = (options.json_keys, options.append_eod, eod_id, vocab_size)
+    in_flight: deque = deque()
+
+    def consume(result: ChunkResult) -> None:
+        if result.error and not options.skip_bad_records:
+            raise DataError(f"{result.error} (fix the record, or pass --skip-bad-records to count and skip it)")
+        for key, (ids, lengths) in result.tokens.items():
+            writers[key].add_documents(ids, lengths)
+        skipped.update(result.skipped)
+        totals["documents_in"] += result.documents_in
+        totals["tokens"] += sum(len(ids) for ids, _ in result.tokens.values())
+        progress.update(result.num_bytes)
+        progress.set_postfix(docs=totals["documents_in"], tokens=totals["tokens"], refresh=False)
+
+    for chunk in read_chunks(source, options.json_keys, options.hf_split):
+        if pool is None:
+            consume(process_chunk(chunk, *args))
+            continue
+        in_flight.append(pool.apply_async(process_chunk, (chunk, *args)))
+        while len(in_flight) >= 2 * options.workers:
+            consume(in_flight.popleft().get())
+    while in_flight:
+        consume(in_flight.popleft().get())

@@ -1,0 +1,94 @@
+"""Tokenizers for preprocessing: a HF `tokenizers` JSON file or HF tokenizer directory, or a sentencepiece
+.model. Each encodes a batch of texts into one flat numpy array plus per-document lengths (the Rust batch
+API for HF), and knows its end-of-document id and vocabulary size."""
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+
+from megapico.data.indexed_dataset import DataError
+
+EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
+
+
+class Tokenizer:
+    """Common interface: encode_batch(texts) -> (flat ids, lengths); eod_id; vocab_size; path."""
+
+    path: str
+    vocab_size: int
+    eod_id: int
+
+    def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+
+def _flatten(id_lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    lengths = np.fromiter((len(ids) for ids in id_lists), dtype=np.int64, count=len(id_lists))
+    flat = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=int(lengths.sum()))
+    return flat, lengths
+
+
+class HuggingFaceTokenizer(Tokenizer):
+    def __init__(self, path: str) -> None:
+        from tokenizers import Tokenizer as RustTokenizer
+
+        file = Path(path)
+        eos_hint = None
+        if file.is_dir():
+            config = file / "tokenizer_config.json"
+            if config.is_file():
+                eos = json.loads(config.read_text()).get("eos_token")
+                eos_hint = eos.get("content") if isinstance(eos, dict) else eos
+            file = file / "tokenizer.json"
+        if not file.is_file():
+            raise DataError(f"{path}: no HF tokenizer here (want a tokenizer.json file or a directory holding one)")
+        try:
+            self._tokenizer = RustTokenizer.from_file(str(file))
+        except Exception as err:
+            raise DataError(f"{file}: not a HF tokenizers JSON ({str(err).splitlines()[0]})") from None
+        self.path = str(path)
+        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        for candidate in (eos_hint, *EOD_CANDIDATES):
+            if candidate and self._tokenizer.token_to_id(candidate) is not None:
+                self.eod_id = self._tokenizer.token_to_id(candidate)
+                break
+        else:
+            raise DataError(f"{path}: no end-of-document token found (looked for {', '.join(EOD_CANDIDATES)})")
+
+    def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        encodings = self._tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        return _flatten([encoding.ids for encoding in encodings])
+
+
+class SentencePieceTokenizer(Tokenizer):
+    def __init__(self, path: str) -> None:
+        import sentencepiece
+
+        if not Path(path).is_file():
+            raise DataError(f"{path}: sentencepiece model not found")
+        try:
+            self._processor = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except Exception as err:
+            raise DataError(f"{path}: not a sentencepiece model ({str(err).splitlines()[0]})") from None
+        self.path = str(path)
+        self.vocab_size = self._processor.get_piece_size()
+        self.eod_id = self._processor.eos_id()
+        if self.eod_id < 0:
+            raise DataError(f"{path}: the sentencepiece model has no eos piece to use as end-of-document")
+
+    def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        return _flatten(self._processor.encode(texts))
+
+
+TOKENIZER_TYPES = {"HuggingFaceTokenizer": HuggingFaceTokenizer, "SentencePieceTokenizer": SentencePieceTokenizer}
+
+
+def load_tokenizer(path: str, tokenizer_type: str | None = None) -> Tokenizer:
+    """Load by explicit Megatron type name, or guess from the path (.model = sentencepiece, else HF)."""
+    if tokenizer_type is None:
+        tokenizer_type = "SentencePieceTokenizer" if str(path).endswith(".model") else "HuggingFaceTokenizer"
+    if tokenizer_type not in TOKENIZER_TYPES:
+        raise DataError(f"tokenizer type '{tokenizer_type}' is not one of {sorted(TOKENIZER_TYPES)}")
+    return TOKENIZER_TYPES[tokenizer_type](path)

@@ -1,0 +1,65 @@
+"""Tokenize Dolma (or any JSON-lines / parquet / HF dataset) into Megatron-LM's .bin/.idx.
+
+Megatron's command line works unchanged:
+    python tools/preprocess_data.py --input data/sample/documents --output-prefix data/sample \\
+        --tokenizer-type HuggingFaceTokenizer --tokenizer-model data/tokenizer.json --append-eod --workers 2
+Outputs `{output_prefix}_{key}_document.{bin,idx}` for every --json-keys key.
+"""
+
+import argparse
+import sys
+
+from megapico.data.indexed_dataset import DataError
+from megapico.data.preprocess import PreprocessOptions, preprocess
+from megapico.data.tokenizer import TOKENIZER_TYPES
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    group = parser.add_argument_group("input")
+    group.add_argument("--input", required=True,
+                       help="a file (.jsonl, .json.gz, .jsonl.zst, .parquet), a directory (Dolma's documents/), "
+                            "a glob, or a dataset saved with datasets' save_to_disk")
+    group.add_argument("--json-keys", nargs="+", default=["text"], help="fields (columns) to tokenize")
+    group.add_argument("--hf-split", default="train", help="split of a saved HF DatasetDict")
+    group.add_argument("--skip-bad-records", action="store_true",
+                       help="count and skip malformed records instead of stopping at the first one")
+    group = parser.add_argument_group("tokenizer")
+    group.add_argument("--tokenizer-type", choices=sorted(TOKENIZER_TYPES), default=None,
+                       help="default: SentencePieceTokenizer for a .model file, else HuggingFaceTokenizer")
+    group.add_argument("--tokenizer-model", help="tokenizer.json, a HF tokenizer directory, or a sentencepiece .model")
+    group.add_argument("--append-eod", action="store_true", help="append the end-of-document token to each document")
+    group.add_argument("--vocab-size", type=int, help="for already tokenized input without --tokenizer-model")
+    group = parser.add_argument_group("output")
+    group.add_argument("--output-prefix", required=True)
+    group.add_argument("--dataset-impl", choices=["mmap"], default="mmap", help="accepted for old Megatron scripts")
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--workers", type=int, default=1, help="tokenizer processes")
+    group.add_argument("--log-interval", type=int, default=1000,
+                       help="accepted for Megatron compatibility; the progress bar refreshes every second")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    options = PreprocessOptions(
+        input=args.input, output_prefix=args.output_prefix, json_keys=args.json_keys,
+        tokenizer_model=args.tokenizer_model, tokenizer_type=args.tokenizer_type, append_eod=args.append_eod,
+        workers=max(1, args.workers), skip_bad_records=args.skip_bad_records, hf_split=args.hf_split,
+        vocab_size=args.vocab_size)
+    try:
+        summary = preprocess(options)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    skipped = ", ".join(f"{reason}: {count}" for reason, count in sorted(summary["skipped"].items())) or "none"
+    print(f"done: {summary['documents']:,} documents, {summary['tokens']:,} tokens from {summary['files']} file(s) "
+          f"({summary['resumed_files']} already done) in {summary['seconds']:.1f}s "
+          f"({summary['documents'] / max(summary['seconds'], 1e-9):,.0f} docs/s); skipped: {skipped}")
+    for output in summary["outputs"]:
+        print(f"wrote {output}.bin / {output}.idx")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
