@@ -86,3 +86,17 @@ def test_an_interrupted_write_leaves_the_old_pair_intact(small_pair):
             raise RuntimeError("killed")
     assert {s: small_pair.with_suffix(s).read_bytes() for s in (".bin", ".idx")} == before
     assert sorted(p.name for p in small_pair.parent.iterdir()) == ["d.bin", "d.idx"]
+
+
+def test_merge_tool(tmp_path, capsys):
+    from merge_datasets import main
+
+    (tmp_path / "parts").mkdir()
+    for name, docs in (("b", [[3, 4]]), ("a", [[1], [2, 2]])):
+        with IndexedDatasetWriter(tmp_path / "parts" / name, np.uint16) as writer:
+            for doc in docs:
+                writer.add_document(np.array(doc))
+    assert main(["--input", str(tmp_path / "parts"), "--output-prefix", str(tmp_path / "all")]) == 0
+    assert [d.tolist() for d in IndexedDataset(tmp_path / "all")] == [[1], [2, 2], [3, 4]]
+    assert main(["--input", str(tmp_path / "empty"), "--output-prefix", str(tmp_path / "x")]) == 1
+    assert "no .idx files to merge" in capsys.readouterr().err
