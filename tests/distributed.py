@@ -31,3 +31,33 @@ def run_distributed(fn, world_size, *args, tmp_path):
     result_path = os.path.join(tmp_path, f"result_{fn.__name__}.pt")
     mp.spawn(_worker, args=(world_size, free_port(), fn, args, result_path), nprocs=world_size, join=True)
     return torch.load(result_path, weights_only=False)
+
+
+def _train(rank, world_size, overrides, capture):
+    """Run megapico's pretrain in this process; optionally report facts about the live engine."""
+    from megapico.config import load_config
+    from megapico.training import trainer
+
+    engines = []
+    build = trainer._build_engine
+
+    def recording_build(config, parallel):
+        engine, scheduler = build(config, parallel)
+        engines.append(engine)
+        return engine, scheduler
+
+    trainer._build_engine = recording_build
+    result = trainer.pretrain(load_config(None, overrides))
+    facts = {}
+    if capture == "zero_partition":
+        optimizer = engines[0].optimizer
+        facts = dict(optimizer=type(optimizer).__name__,
+                     local=sum(p.numel() for p in optimizer.single_partition_of_fp32_groups),
+                     adam=sum(s["exp_avg"].numel() for s in optimizer.optimizer.state.values()),
+                     model=sum(p.numel() for p in engines[0].module.parameters()))
+    return dict(losses=result.losses, perplexities=result.perplexities, resumed_from=result.resumed_from,
+                facts=facts)
+
+
+def train(world_size, overrides, tmp_path, capture=None):
+    return run_distributed(_train, world_size, list(overrides), capture, tmp_path=tmp_path)

@@ -83,6 +83,8 @@ class TrainingConfig:
     """Seed of the weight initialisation (pico uses 42); identical on every rank so TP shards agree."""
     deepspeed_config: str = "ds_configs/zero2_cpu.json"
     """DeepSpeed JSON; batch sizes in it must agree with the values above."""
+    exit_interval: int = 0
+    """Save a checkpoint and stop once step % exit_interval == 0 (time-limited jobs; Megatron's --exit-interval)."""
     nan_policy: str = "stop"
     """stop (raise naming the step) | skip (drop the update and go on) on a NaN/inf loss."""
     activation_checkpointing: ActivationCheckpointingConfig = field(default_factory=ActivationCheckpointingConfig)

@@ -1,0 +1,1 @@
+"""Checkpoint save/resume (DeepSpeed engine + megapico state) and TP x DP resharding."""

@@ -1,0 +1,83 @@
+"""Read a DeepSpeed ZeRO-1/2 checkpoint of any TP x DP layout into full (unsharded) tensors, and write full
+tensors into a live engine of another layout.
+
+DeepSpeed's ZeRO files hold, per TP rank and DP rank, a flat fp32 partition of each param group and the
+matching flat Adam moments (one "parameter" per group in the base optimizer's state dict). Concatenating the
+DP partitions of a TP rank and cutting them by the saved param_shapes gives that TP rank's tensors;
+megapico.model's TP merge joins the TP ranks. Loading reverses it: shard for the new TP rank, flatten in
+the engine's group order, keep the new DP rank's partition.
+"""
+
+from pathlib import Path
+
+import torch
+
+from megapico.model import merge_tp_state_dicts, shard_state_dict
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _load(path: Path) -> dict:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing checkpoint shard (was the save interrupted, or a file lost?)")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _adam_states(shard: dict) -> list[dict]:
+    """Per param group {step, exp_avg, exp_avg_sq}, from either ZeRO save format (rigid or elastic)."""
+    state = shard["base_optimizer_state"]
+    if isinstance(state, dict):  # rigid: a torch optimizer state_dict, one flat "parameter" per group
+        return [state["state"][index] for index in sorted(state["state"])]
+    return state
+
+
+def read_full_state(directory: str | Path, tp_size: int, dp_size: int) -> dict[str, dict[str, torch.Tensor]]:
+    """{"weight" | "exp_avg" | "exp_avg_sq": full pico state dict} and {"step": ...} from a checkpoint dir."""
+    directory = Path(directory)
+    per_tp: dict[str, list[dict[str, torch.Tensor]]] = {name: [] for name in ("weight", *MOMENTS)}
+    steps = set()
+    for tp_rank in range(tp_size):
+        model_states = _load(directory / f"mp_rank_{tp_rank:02d}_model_states.pt")
+        shards = [_load(directory / f"zero_pp_rank_{dp}_mp_rank_{tp_rank:02d}_optim_states.pt")["optimizer_state_dict"]
+                  for dp in range(dp_size)]
+        adam = [_adam_states(shard) for shard in shards]
+        tensors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in per_tp}
+        for group, shapes in enumerate(model_states["param_shapes"]):
+            flats = {"weight": torch.cat([s["single_partition_of_fp32_groups"][group] for s in shards])}
+            for moment in MOMENTS:
+                flats[moment] = torch.cat([states[group][moment] for states in adam])
+            steps.update(int(states[group]["step"]) for states in adam)
+            offset = 0
+            for name, shape in shapes.items():
+                numel = shape.numel()
+                for kind, flat in flats.items():
+                    tensors[kind][name] = flat[offset:offset + numel].view(shape).clone()
+                offset += numel
+        for kind in per_tp:
+            per_tp[kind].append(tensors[kind])
+    if len(steps) != 1:
+        raise ValueError(f"{directory}: optimizer shards disagree on the step count {sorted(steps)}")
+    full = {kind: merge_tp_state_dicts(shards) for kind, shards in per_tp.items()}
+    full["step"] = steps.pop()
+    return full
+
+
+@torch.no_grad()
+def load_full_state_into_engine(engine, full: dict, tp_rank: int, tp_size: int) -> None:  # noqa: ANN001
+    """Write full weights and Adam moments into a ZeRO-1/2 engine at any TP x DP layout."""
+    optimizer = engine.optimizer
+    names = {param: name for name, param in engine.module.named_parameters()}
+    local = {kind: shard_state_dict(full[kind], tp_rank, tp_size) for kind in ("weight", *MOMENTS)}
+    for param, name in names.items():
+        param.copy_(local["weight"][name].to(param.dtype))
+    for group, params in enumerate(optimizer.bit16_groups):
+        partition = optimizer.single_partition_of_fp32_groups[group]
+        state = optimizer.optimizer.state[partition]  # empty until the first step: Adam creates it lazily
+        for moment in MOMENTS:
+            state.setdefault(moment, torch.zeros_like(partition))
+        rank = torch.distributed.get_rank(group=optimizer.dp_process_group)
+        for kind, target in (("weight", partition), *((moment, state[moment]) for moment in MOMENTS)):
+            flat = torch.cat([local[kind][names[p]].reshape(-1).float() for p in params])
+            flat = torch.nn.functional.pad(flat, (0, target.numel() * optimizer.partition_count[group] - flat.numel()))
+            target.copy_(flat[rank * target.numel():(rank + 1) * target.numel()])
+        state["step"] = torch.tensor(float(full["step"]))  # torch.optim.AdamW keeps it as a CPU tensor

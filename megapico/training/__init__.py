@@ -1,0 +1,1 @@
+"""DeepSpeed set-up, the training loop, schedule, evaluation, metrics and activation checkpointing."""

@@ -1,0 +1,34 @@
+"""Pretrain pico-decoder with tensor parallelism + DeepSpeed ZeRO-2.
+
+    deepspeed --num_gpus 16 --hostfile examples/hostfile pretrain.py --config examples/pico_tiny_16xA100.yaml
+    torchrun --nproc_per_node 2 pretrain.py --config examples/cpu_demo.yaml training.max_steps=20
+    python pretrain.py --config examples/cpu_demo.yaml parallel.tensor_parallel_size=1
+Any config value can be overridden as section.key=value; the resolved config is printed and saved.
+"""
+
+import argparse
+import sys
+
+from megapico.config import ConfigError, load_config
+from megapico.data.indexed_dataset import DataError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML file of the megapico config (see megapico/config/schema.py)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the YAML")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+        from megapico.training.trainer import pretrain  # deepspeed is imported only once the config is valid
+
+        pretrain(config)
+    except (ConfigError, DataError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
