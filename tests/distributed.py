@@ -33,10 +33,44 @@ def run_distributed(fn, world_size, *args, tmp_path):
     return torch.load(result_path, weights_only=False)
 
 
-def _train(rank, world_size, overrides, capture):
+def _inject(fault):
+    """Faults for tests: a NaN loss at the 2nd training forward, or a crash inside the 2nd checkpoint save."""
+    import deepspeed
+
+    from megapico.model import PicoDecoder
+
+    if fault == "nan_at_step_2":
+        forward, calls = PicoDecoder.forward, []
+
+        def nan_forward(self, input_ids, labels=None):
+            out = forward(self, input_ids, labels)
+            if labels is not None and torch.is_grad_enabled():
+                calls.append(1)
+                if len(calls) == 2:
+                    return out * float("nan")
+            return out
+
+        PicoDecoder.forward = nan_forward
+    elif fault == "crash_in_second_save":
+        save, calls = deepspeed.DeepSpeedEngine.save_checkpoint, []
+
+        def crashing_save(self, *args, **kwargs):
+            calls.append(1)
+            written = save(self, *args, **kwargs)
+            if len(calls) == 2:
+                raise RuntimeError("killed inside save_checkpoint")
+            return written
+
+        deepspeed.DeepSpeedEngine.save_checkpoint = crashing_save
+
+
+def _train(rank, world_size, overrides, capture, fault=None):
     """Run megapico's pretrain in this process; optionally report facts about the live engine."""
     from megapico.config import load_config
     from megapico.training import trainer
+
+    if fault:
+        _inject(fault)
 
     engines = []
     build = trainer._build_engine
@@ -59,5 +93,5 @@ def _train(rank, world_size, overrides, capture):
                 facts=facts)
 
 
-def train(world_size, overrides, tmp_path, capture=None):
-    return run_distributed(_train, world_size, list(overrides), capture, tmp_path=tmp_path)
+def train(world_size, overrides, tmp_path, capture=None, fault=None):
+    return run_distributed(_train, world_size, list(overrides), capture, fault, tmp_path=tmp_path)

@@ -133,3 +133,23 @@ def test_pretrain_cli_config_typo_is_one_line(tmp_path):
     assert out.returncode == 1
     assert out.stderr.strip() == ("error: command line: unknown config key 'training.learning_rate' (check the "
                                   "spelling against megapico/config/schema.py)")
+
+
+def test_nan_loss_stops_naming_the_step_or_is_skipped(sample_prefix, tmp_path, reference):
+    with pytest.raises(Exception, match="step 2: loss is nan"):
+        train(1, overrides(sample_prefix, tmp_path), tmp_path, fault="nan_at_step_2")
+    skipped = train(1, overrides(sample_prefix, tmp_path / "skip", **{"training.nan_policy": "skip"}), tmp_path,
+                    fault="nan_at_step_2")
+    assert skipped["losses"][1] == reference["losses"][1]
+    assert all(math.isfinite(loss) for step, loss in skipped["losses"].items() if step != 2)
+
+
+def test_crash_inside_save_resumes_from_the_previous_checkpoint(sample_prefix, tmp_path, reference):
+    settings = {"checkpointing.save_interval": 2}
+    with pytest.raises(Exception, match="killed inside save_checkpoint"):
+        train(1, overrides(sample_prefix, tmp_path, **settings), tmp_path, fault="crash_in_second_save")
+    checkpoints = tmp_path / "runs" / "megapico-run" / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_2"  # step_4 was being written: not pointed at
+    resumed = train(1, overrides(sample_prefix, tmp_path, **settings), tmp_path)
+    assert resumed["resumed_from"] == 2
+    assert resumed["losses"] == {s: reference["losses"][s] for s in (3, 4, 5)}

@@ -135,9 +135,12 @@ class PicoDecoder(nn.Module):
         self.layers = nn.ModuleList(PicoDecoderBlock(config, tp_group) for _ in range(config.n_layers))
         self.output_norm = RMSNorm(config.d_model, config.norm_eps)
         self.de_embedding_proj = ColumnParallelLinear(config.d_model, config.vocab_size, tp_group=tp_group)
+        # Recompute norm -> logits -> loss in backward instead of keeping fp32 [B, T, V/tp] logits and softmax
+        # alive through the whole backward: for pico's 50k vocabulary they outweigh all block activations.
+        self.checkpoint_loss_head = False
 
-    def local_logits(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
-        """fp32 logits of this rank's vocab shard [B, T, V/tp]."""
+    def hidden_states(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        """Output of the last block, before output_norm [B, T, D]."""
         T = input_ids_BT.shape[1]
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
@@ -146,13 +149,25 @@ class PicoDecoder(nn.Module):
                                self.config.position_emb_theta, input_ids_BT.device)
         for layer in self.layers:
             h = layer(h, cos, sin)
-        return self.de_embedding_proj(self.output_norm(h)).float()
+        return h
+
+    def _local_logits_of(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        return self.de_embedding_proj(self.output_norm(h_BTD)).float()
+
+    def _loss_of(self, h_BTD: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+        token_loss = vocab_parallel_cross_entropy(self._local_logits_of(h_BTD), labels_BT, self.tp_group)
+        return token_loss.sum() / (labels_BT != -100).sum().clamp(min=1)
+
+    def local_logits(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of this rank's vocab shard [B, T, V/tp]."""
+        return self._local_logits_of(self.hidden_states(input_ids_BT))
 
     def forward(self, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor | None = None) -> torch.Tensor:
         """Without labels: full fp32 logits [B, T, V] (gathered over TP). With labels: the mean token
         cross-entropy (ignore_index -100), computed vocab-parallel without gathering the logits."""
-        logits = self.local_logits(input_ids_BT)
+        h = self.hidden_states(input_ids_BT)
         if labels_BT is None:
-            return gather_from_tensor_parallel(logits, self.tp_group)
-        token_loss = vocab_parallel_cross_entropy(logits, labels_BT, self.tp_group)
-        return token_loss.sum() / (labels_BT != -100).sum().clamp(min=1)
+            return gather_from_tensor_parallel(self._local_logits_of(h), self.tp_group)
+        if self.checkpoint_loss_head and torch.is_grad_enabled():
+            return checkpoint(self._loss_of, h, labels_BT, use_reentrant=False)
+        return self._loss_of(h, labels_BT)

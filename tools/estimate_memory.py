@@ -1,0 +1,54 @@
+"""Per-GPU memory estimate (weights, gradients, ZeRO-2 optimizer partition, activations with and without
+full activation checkpointing) for a megapico config and a GPU count.
+
+    python tools/estimate_memory.py --config examples/pico_tiny_16xA100.yaml --gpus 16
+    python tools/estimate_memory.py --table --gpus 16      # tiny..large with the example YAMLs' layouts
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from megapico.config import ConfigError, load_config
+from megapico.training.memory_estimate import estimate_memory
+
+EXAMPLES = {name: Path(__file__).resolve().parent.parent / "examples" / f"pico_{name}_16xA100.yaml"
+            for name in ("tiny", "small", "medium", "large")}
+
+
+def row(name: str, config_path: str, overrides: list[str], gpus: int) -> str:
+    config = load_config(config_path, overrides)
+    train = config.training
+    estimate = estimate_memory(config.model, gpus, config.parallel.tensor_parallel_size, train.micro_batch_size,
+                               config.data.seq_len)
+    tp = config.parallel.tensor_parallel_size
+    cells = [name, tp, gpus // tp, train.micro_batch_size, f"{estimate.weights:.2f}", f"{estimate.gradients:.2f}",
+             f"{estimate.optimizer:.2f}", f"{estimate.activations:.1f}", f"{estimate.activations_checkpointed:.1f}",
+             f"{estimate.total:.1f}", f"{estimate.total_checkpointed:.1f}"]
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="megapico YAML")
+    parser.add_argument("--gpus", type=int, default=16)
+    parser.add_argument("--table", action="store_true", help="all four pico sizes from examples/")
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+    print("| model | TP | DP | micro batch | weights GiB | grads GiB | ZeRO-2 optimizer GiB | activations GiB | "
+          "activations, full AC GiB | total GiB | total, full AC GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    try:
+        if args.table:
+            for name, path in EXAMPLES.items():
+                print(row(name, str(path), args.overrides, args.gpus))
+        else:
+            print(row(Path(args.config or "defaults").stem, args.config, args.overrides, args.gpus))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
