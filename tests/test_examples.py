@@ -1,0 +1,36 @@
+"""The shipped recipes load, validate at their GPU count, and keep pico's global batch."""
+
+import pytest
+from conftest import REPO
+
+from megapico.config import load_config, validate_config
+from megapico.training.deepspeed_config import build_deepspeed_config
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "medium", "large"])
+def test_16xA100_recipes(size, monkeypatch):
+    monkeypatch.chdir(REPO)
+    config = load_config(REPO / "examples" / f"pico_{size}_16xA100.yaml")
+    validate_config(config, world_size=16)
+    dp = 16 // config.parallel.tensor_parallel_size
+    train = config.training
+    assert train.micro_batch_size * train.gradient_accumulation_steps * dp == train.global_batch_size == 1024
+    assert (train.max_steps, train.lr, train.lr_warmup_steps, train.weight_decay, config.data.seq_len) == (
+        200_000, 3e-4, 2500, 0.01, 2048)
+    ds = build_deepspeed_config(config, dp)
+    assert ds["bf16"]["enabled"] and ds["train_batch_size"] == 1024 and ds["zero_optimization"]["stage"] == 2
+
+
+def test_cpu_demo_config(monkeypatch):
+    monkeypatch.chdir(REPO)
+    config = load_config(REPO / "examples" / "cpu_demo.yaml", ["parallel.tensor_parallel_size=2"])
+    validate_config(config, world_size=2)
+    assert config.training.precision == "fp32"
+
+
+def test_memory_table_tool(capsys):
+    from estimate_memory import main
+
+    assert main(["--table", "--gpus", "16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].startswith("| tiny | 1 | 16 | 16 |") and lines[5].startswith("| large | 2 | 8 | 16 |")
