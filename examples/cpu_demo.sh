@@ -4,24 +4,31 @@
 #   2. preprocess data/sample/documents -> Megatron .bin/.idx with pico's tokenizer
 #   3. train pico-decoder-tiny with DeepSpeed ZeRO-2 on 2 CPU processes (DP=2) for 20 steps, checkpoint, stop
 #   4. resume the same run at TP=2 (the checkpoint is re-sharded) to step 40, with evaluation
-# Outputs: runs/cpu-demo/ (config.yaml, checkpoints/, eval_results/, wandb/ offline logs).
+#   5. convert every checkpoint (steps 0, 20, 40) into a pico run directory: verified HF checkpoints +
+#      learning dynamics, readable by pico-analyze (--run_path runs/pico/cpu-demo) and transformers
+# Outputs: runs/cpu-demo/ (config.yaml, checkpoints/, eval_results/, wandb/ offline logs), runs/pico/cpu-demo/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/ensure_venv.sh
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}" PYTHONUNBUFFERED=1
 export WANDB_SILENT=true
-rm -rf runs/cpu-demo runs/cpu-demo-data
+rm -rf runs/cpu-demo runs/cpu-demo-data runs/pico/cpu-demo
 
-echo "== 1/3 preprocess the shipped Dolma sample"
+echo "== 1/4 preprocess the shipped Dolma sample"
 .venv/bin/python tools/preprocess_data.py --input data/sample/documents --output-prefix runs/cpu-demo-data/sample \
     --tokenizer-type HuggingFaceTokenizer --tokenizer-model data/tokenizers/olmo-gpt-neox-dolma-v1_5.json \
     --append-eod --workers 2
 
-echo "== 2/3 train: DeepSpeed ZeRO-2, DP=2 on 2 CPU processes, steps 1-20"
+echo "== 2/4 train: DeepSpeed ZeRO-2, DP=2 on 2 CPU processes, steps 1-20"
 .venv/bin/deepspeed --num_gpus 2 pretrain.py --config examples/cpu_demo.yaml training.exit_interval=20
 
-echo "== 3/3 resume at TP=2 (checkpoint re-sharded), steps 21-40, eval"
+echo "== 3/4 resume at TP=2 (checkpoint re-sharded), steps 21-40, eval"
 .venv/bin/deepspeed --num_gpus 2 pretrain.py --config examples/cpu_demo.yaml parallel.tensor_parallel_size=2
 
-echo "== done: runs/cpu-demo"
-cat runs/cpu-demo/eval_results/step_40.json; echo
+echo "== 4/4 convert every checkpoint into a pico run directory (HF checkpoints + learning dynamics)"
+.venv/bin/python tools/convert_to_hf.py --run-dir runs/cpu-demo --output runs/pico
+
+echo "== done"
+echo "eval at step 40: $(cat runs/cpu-demo/eval_results/step_40.json)"
+echo "HF model:        AutoModelForCausalLM.from_pretrained('runs/pico/cpu-demo/checkpoints/latest', trust_remote_code=True)"
+echo "pico-analyze:    python scripts/analyze.py --config_path CFG.yaml --run_path $PWD/runs/pico/cpu-demo"

@@ -22,3 +22,19 @@ def sample_prefix(tmp_path_factory):
     preprocess(PreprocessOptions(input=str(SAMPLE_DOCUMENTS), output_prefix=str(out),
                                  tokenizer_model=str(TOKENIZER), append_eod=True))
     return f"{out}_text_document"
+
+
+def training_overrides(sample_prefix, tmp_path, **changes):
+    """A tiny 2-layer pico trained 5 steps on the sample, fp32, CPU DeepSpeed config; changes override."""
+    base = {
+        "model_preset": "tiny", "model.n_layers": 2, "model.max_seq_len": 64, "data.seq_len": 32,
+        "data.train_data_path": f"[{sample_prefix}]", "data.split": "95,5,0", "data.tokenizer": str(TOKENIZER),
+        "training.max_steps": 5, "training.micro_batch_size": 4, "training.gradient_accumulation_steps": 1,
+        "training.lr": 3e-3, "training.lr_warmup_steps": 2, "training.precision": "fp32",
+        "training.deepspeed_config": str(REPO / "ds_configs" / "zero2_cpu.json"),
+        "evaluation.interval": 0, "evaluation.max_batches": 2, "checkpointing.runs_dir": str(tmp_path / "runs"),
+        "checkpointing.save_interval": 1000, "checkpointing.learning_dynamics.enabled": False,
+        "logging.wandb_mode": "disabled", "logging.log_interval": 1,
+    }
+    base.update(changes)
+    return [f"{key}={value}" for key, value in base.items()]

@@ -73,14 +73,14 @@ def _train(rank, world_size, overrides, capture, fault=None):
         _inject(fault)
 
     engines = []
-    build = trainer._build_engine
+    build = trainer.build_engine
 
     def recording_build(config, parallel):
         engine, scheduler = build(config, parallel)
         engines.append(engine)
         return engine, scheduler
 
-    trainer._build_engine = recording_build
+    trainer.build_engine = recording_build
     result = trainer.pretrain(load_config(None, overrides))
     facts = {}
     if capture == "zero_partition":

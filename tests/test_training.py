@@ -7,24 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, TOKENIZER
+from conftest import REPO
+from conftest import training_overrides as overrides
 from distributed import train
 
-STEPS = 5
-
-
-def overrides(sample_prefix, tmp_path, **changes):
-    base = {
-        "model_preset": "tiny", "model.n_layers": 2, "model.max_seq_len": 64, "data.seq_len": 32,
-        "data.train_data_path": f"[{sample_prefix}]", "data.split": "95,5,0", "data.tokenizer": str(TOKENIZER),
-        "training.max_steps": STEPS, "training.micro_batch_size": 4, "training.gradient_accumulation_steps": 1,
-        "training.lr": 3e-3, "training.lr_warmup_steps": 2, "training.precision": "fp32",
-        "training.deepspeed_config": str(REPO / "ds_configs" / "zero2_cpu.json"),
-        "evaluation.interval": 0, "evaluation.max_batches": 2, "checkpointing.runs_dir": str(tmp_path / "runs"),
-        "checkpointing.save_interval": 1000, "logging.wandb_mode": "disabled", "logging.log_interval": 1,
-    }
-    base.update(changes)
-    return [f"{key}={value}" for key, value in base.items()]
+STEPS = 5  # training_overrides' max_steps
 
 
 def assert_losses_close(a, b, tolerance):
@@ -125,6 +112,19 @@ def test_pretrain_cli_under_the_deepspeed_launcher(sample_prefix, tmp_path):
     out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "step 2/2 | loss" in out.stdout and "eval paloma perplexity" in out.stdout
+
+
+@pytest.mark.parametrize("launcher", ["python", "torchrun"])
+def test_pretrain_cli_under_python_and_torchrun(sample_prefix, tmp_path, launcher):
+    settings = overrides(sample_prefix, tmp_path, **{"training.max_steps": 1, "training.lr_warmup_steps": 0,
+                                                      "evaluation.max_batches": 1})
+    prefix = [sys.executable] if launcher == "python" else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+        str(30500 + os.getpid() % 1000)]
+    out = subprocess.run([*prefix, str(REPO / "pretrain.py"), *settings], cwd=REPO, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "step 1/1 | loss" in out.stdout
 
 
 def test_pretrain_cli_config_typo_is_one_line(tmp_path):

@@ -98,3 +98,13 @@ def test_flop_formula_counts_matmul_parameters():
     tiny = load_config(None, ["model_preset=tiny"]).model
     assert matmul_parameters(tiny) == 11_282_784 - 50304 * 96 - 25 * 96  # all but the embedding table and norms
     assert flops_per_token(tiny, 2048) == 6 * matmul_parameters(tiny) + 12 * 12 * 96 * 2048
+
+
+def test_separate_eval_prefix(sample_prefix):
+    from megapico.training.trainer import _eval_dataset
+
+    config = load_config(None, [f"data.train_data_path=[{sample_prefix}]", f"data.eval_data_path=[{sample_prefix}]",
+                                "data.seq_len=16", "evaluation.max_batches=2", "training.micro_batch_size=2"])
+    whole = _eval_dataset(config, ParallelState())  # the eval prefix is used whole (split 1,0,0), not its valid part
+    valid = build_dataset([sample_prefix], "valid", 4, 16, config.data.seed, split=config.data.split)
+    assert len(whole.documents) == 3187 and len(valid.documents) < 100

@@ -24,11 +24,14 @@ def _load(path: Path) -> dict:
 
 
 def _adam_states(shard: dict) -> list[dict]:
-    """Per param group {step, exp_avg, exp_avg_sq}, from either ZeRO save format (rigid or elastic)."""
+    """Per param group {step, exp_avg, exp_avg_sq}, from either ZeRO save format (rigid or elastic). Before
+    the first optimizer step Adam has no state yet: zero moments at step 0."""
+    partitions = shard["single_partition_of_fp32_groups"]
     state = shard["base_optimizer_state"]
     if isinstance(state, dict):  # rigid: a torch optimizer state_dict, one flat "parameter" per group
-        return [state["state"][index] for index in sorted(state["state"])]
-    return state
+        state = [state["state"].get(index) for index in range(len(partitions))]
+    return [group_state or {"step": 0, **{moment: torch.zeros_like(partition) for moment in MOMENTS}}
+            for group_state, partition in zip(state, partitions, strict=True)]
 
 
 def read_full_state(directory: str | Path, tp_size: int, dp_size: int) -> dict[str, dict[str, torch.Tensor]]:

@@ -4,7 +4,6 @@ Parallel layout: TP ranks split every layer (megapico.parallel); DeepSpeed ZeRO-
 fp32 master weights + Adam state over the data-parallel group only (it learns the groups from `mpu`).
 """
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +30,7 @@ from megapico.parallel import ParallelState, init_distributed
 from megapico.training.activation_checkpointing import apply_activation_checkpointing
 from megapico.training.deepspeed_config import build_deepspeed_config
 from megapico.training.evaluation import evaluate_perplexity
+from megapico.training.learning_dynamics import fixed_batch, save_learning_dynamics
 from megapico.training.logger import RunLogger
 from megapico.training.metrics import flops_per_token
 from megapico.training.schedule import build_lr_scheduler, lr_at
@@ -65,7 +65,7 @@ def check_data_fits_model(config: MegapicoConfig) -> None:
                             f"tokenized with another tokenizer?)")
 
 
-def _build_engine(config: MegapicoConfig, parallel: ParallelState):  # noqa: ANN202
+def build_engine(config: MegapicoConfig, parallel: ParallelState):  # noqa: ANN202
     torch.manual_seed(config.training.seed)  # identical on every rank: TP shards come from one full init
     model = PicoDecoder(config.model, parallel.tp_group)
     apply_activation_checkpointing(model, config.training.activation_checkpointing)
@@ -81,7 +81,7 @@ def _build_engine(config: MegapicoConfig, parallel: ParallelState):  # noqa: ANN
 def _resume(engine, scheduler, config: MegapicoConfig, parallel: ParallelState):  # noqa: ANN001, ANN202
     point = find_resume_point(config)
     if point is None:
-        return 0, 0
+        return None
     root = checkpoint_root(config)
     if (point.tensor_parallel_size, point.data_parallel_size) == (parallel.tp_size, parallel.dp_size):
         engine.load_checkpoint(str(root), tag=point.tag, load_optimizer_states=True, load_lr_scheduler_states=True)
@@ -93,7 +93,7 @@ def _resume(engine, scheduler, config: MegapicoConfig, parallel: ParallelState):
         for group in engine.optimizer.optimizer.param_groups:
             group["lr"] = lr_at(point.step, config.training)
     restore_rng(config, point)
-    return point.step, point.consumed_samples
+    return point
 
 
 def _eval_dataset(config: MegapicoConfig, parallel: ParallelState):  # noqa: ANN202
@@ -121,15 +121,33 @@ def pretrain(config: MegapicoConfig) -> TrainResult:
                                   data.seed, data.split, data.cache_dir)
     eval_dataset = _eval_dataset(config, parallel)
 
-    engine, scheduler = _build_engine(config, parallel)
-    start_step, consumed = _resume(engine, scheduler, config, parallel)
-    result = TrainResult(run_dir=run_dir, resumed_from=start_step or None)
+    engine, scheduler = build_engine(config, parallel)
+    resumed = _resume(engine, scheduler, config, parallel)
+    start_step, consumed = (resumed.step, resumed.consumed_samples) if resumed else (0, 0)
+    result = TrainResult(run_dir=run_dir, resumed_from=resumed.step if resumed else None)
     sampler = PretrainingSampler(len(train_dataset), consumed, train.micro_batch_size, parallel.dp_rank,
                                  parallel.dp_size)
     batches = iter(DataLoader(train_dataset, batch_sampler=sampler, collate_fn=collate_samples,
                               pin_memory=torch.cuda.is_available()))
     logger = RunLogger(config, run_dir, parallel, flops_per_token(config.model, data.seq_len) * global_batch *
                        data.seq_len)
+
+    dynamics = config.checkpointing.learning_dynamics
+    dynamics_batches = {"train": fixed_batch(train_dataset, dynamics.batch_size),
+                        "val": fixed_batch(eval_dataset, dynamics.batch_size)} if dynamics.enabled else {}
+    for split, samples in dynamics_batches.items():
+        if len(samples) < dynamics.batch_size:
+            logger.warn(f"learning dynamics: the {split} set holds {len(samples)} sequences, fewer than "
+                        f"checkpointing.learning_dynamics.batch_size={dynamics.batch_size}; using all of them "
+                        f"(pico-analyze's pwcca needs more than d_model={config.model.d_model})")
+
+    def save_checkpoint(step: int) -> None:
+        """Learning dynamics first, then the engine: `latest` moves only once both are on disk."""
+        if dynamics_batches:
+            save_learning_dynamics(engine.module, dynamics_batches,
+                                   checkpoint_root(config) / f"step_{step}" / "learning_dynamics",
+                                   train.micro_batch_size, parallel.dp_rank, engine.device)
+        save_training_checkpoint(engine, config, parallel, step, consumed)
 
     def run_eval(step: int) -> None:
         perplexity = evaluate_perplexity(engine.module, eval_dataset, train.micro_batch_size, parallel,
@@ -138,13 +156,15 @@ def pretrain(config: MegapicoConfig) -> TrainResult:
         logger.log_eval(step, perplexity)
 
     engine.train()
+    if resumed is None and dynamics_batches:
+        save_checkpoint(0)  # pico keeps the initial model and its learning dynamics as step_0
     for step in range(start_step + 1, train.max_steps + 1):
         started = time.perf_counter()
         micro_losses = []
         for _ in range(train.gradient_accumulation_steps):
             input_ids, labels = (t.to(engine.device, non_blocking=True) for t in next(batches))
             loss = engine(input_ids, labels)
-            if not _all_finite(loss, parallel):
+            if not _all_finite(loss):
                 if train.nan_policy == "stop":
                     raise NonFiniteLossError(f"step {step}: loss is {loss.item()} (NaN/inf); lower training.lr, "
                                              f"set training.gradient_clipping, or training.nan_policy=skip")
@@ -163,7 +183,7 @@ def pretrain(config: MegapicoConfig) -> TrainResult:
             run_eval(step)
         exiting = bool(train.exit_interval) and step % train.exit_interval == 0
         if step % config.checkpointing.save_interval == 0 or is_last or exiting:
-            save_training_checkpoint(engine, config, parallel, step, consumed)
+            save_checkpoint(step)
         if exiting and not is_last:
             logger.warn(f"step {step}: training.exit_interval={train.exit_interval} reached; checkpoint saved, "
                         f"exiting (rerun the same command to resume)")
@@ -172,9 +192,9 @@ def pretrain(config: MegapicoConfig) -> TrainResult:
     return result
 
 
-def _all_finite(loss: torch.Tensor, parallel: ParallelState) -> bool:
+def _all_finite(loss: torch.Tensor) -> bool:
     """Every rank must take the same branch, so the verdict is agreed over the whole world."""
-    bad = torch.tensor([0.0 if math.isfinite(loss.item()) else 1.0], device=loss.device)
+    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     return bad.item() == 0.0
 

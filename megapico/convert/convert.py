@@ -1,0 +1,127 @@
+"""Checkpoint -> verified HF directory, and a whole run -> pico's run directory (what pico-analyze reads).
+
+Every export is written under a temporary name, loaded back with transformers and run on a fixed batch next
+to megapico's own model rebuilt from the same weights; only a result within tolerance is renamed into place.
+"""
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import yaml
+
+from megapico.convert.checkpoint_reader import CheckpointError, LoadedCheckpoint, load_checkpoint
+from megapico.convert.hf_export import write_llama, write_pico_hf
+from megapico.model import PicoDecoder
+from megapico.training.learning_dynamics import SUFFIXES
+
+TOLERANCE = 1e-4
+
+
+@contextmanager
+def replacing_directory(output: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary sibling of `output` to fill; it replaces `output` only if the block succeeds."""
+    if output.exists() and not overwrite:
+        raise CheckpointError(f"{output}: already exists (pass --overwrite to replace it)")
+    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(tmp, output)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@torch.no_grad()
+def verification_gap(out_dir: Path, checkpoint: LoadedCheckpoint, fmt: str) -> float:
+    """Max |logit difference| between the written model (loaded by transformers) and megapico's."""
+    from transformers import AutoModelForCausalLM
+
+    model_config = checkpoint.config.model
+    reference = PicoDecoder(model_config)
+    reference.load_state_dict(checkpoint.state_dict)
+    exported = AutoModelForCausalLM.from_pretrained(str(out_dir), trust_remote_code=fmt == "pico",
+                                                    dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, model_config.vocab_size, (2, min(64, model_config.max_seq_len)), generator=generator)
+    return (exported(input_ids).logits.float() - reference(input_ids)).abs().max().item()
+
+
+def export_checkpoint(checkpoint: LoadedCheckpoint, output: Path, fmt: str = "pico", tokenizer: str | None = None,
+                      overwrite: bool = False, verify: bool = True) -> float | None:
+    """Write one checkpoint as an HF directory; returns the verification gap (None if not verified)."""
+    tokenizer = tokenizer or checkpoint.config.data.tokenizer
+    if not tokenizer:
+        raise CheckpointError(f"{checkpoint.directory}: the run names no tokenizer (data.tokenizer); pass --tokenizer")
+    with replacing_directory(output, overwrite) as tmp:
+        if fmt == "pico":
+            write_pico_hf(checkpoint.state_dict, checkpoint.config.model, tokenizer, tmp, checkpoint.global_batch_size)
+        else:
+            write_llama(checkpoint.state_dict, checkpoint.config.model, tokenizer, tmp)
+        gap = verification_gap(tmp, checkpoint, fmt) if verify else None
+        if gap is not None and not gap <= TOLERANCE:
+            raise CheckpointError(f"{checkpoint.directory}: verification failed, max |logit difference| {gap:.3e} > "
+                                  f"{TOLERANCE:g} between the {fmt} export and megapico's model; nothing written")
+    return gap
+
+
+def pico_training_config(checkpoint: LoadedCheckpoint) -> dict:
+    """training_config.yaml in pico-train's nested layout (pico-analyze reads model.* and checkpointing.*)."""
+    config = checkpoint.config
+    train = config.training
+    return {
+        "checkpointing": {"run_name": config.checkpointing.run_name, "runs_dir": config.checkpointing.runs_dir,
+                          "checkpoints_dir": "checkpoints", "learning_dynamics_dir": "learning_dynamics",
+                          "save_every_n_steps": config.checkpointing.save_interval,
+                          "learning_dynamics": {"batch_size": config.checkpointing.learning_dynamics.batch_size,
+                                                "layer_suffixes": list(SUFFIXES), "sequence_idx": -1}},
+        "data": {"dataset": {"name": " ".join(config.data.train_data_path)},
+                 "dataloader": {"batch_size": checkpoint.global_batch_size},
+                 "tokenizer": {"name": config.data.tokenizer, "vocab_size": config.model.vocab_size}},
+        "model": {"model_type": "pico_decoder", **asdict(config.model)},
+        "training": {"max_steps": train.max_steps,
+                     "optimization": {"lr": train.lr, "lr_scheduler": train.lr_decay_style,
+                                      "lr_warmup_steps": train.lr_warmup_steps, "optimizer": "adamw",
+                                      "gradient_accumulation_steps": train.gradient_accumulation_steps}},
+        "evaluation": {"metrics": [config.evaluation.name]},
+        "monitoring": {"logging": {"log_every_n_steps": config.logging.log_interval},
+                       "wandb": {"project": config.logging.wandb_project, "entity": config.logging.wandb_entity}},
+    }
+
+
+def step_directories(run_dir: Path) -> list[Path]:
+    root = run_dir / "checkpoints"
+    steps = [path for path in root.glob("step_*") if (path / "megapico_state.json").is_file()]
+    if not steps:
+        raise CheckpointError(f"{root}: no complete checkpoints to convert")
+    return sorted(steps, key=lambda path: int(path.name.split("_")[1]))
+
+
+def convert_run(run_dir: Path, output_root: Path, tokenizer: str | None = None, overwrite: bool = False,
+                verify: bool = True, progress=None) -> Path:  # noqa: ANN001
+    """Every checkpoint of a run -> {output_root}/{run_name}/ in pico's layout; returns that directory."""
+    steps = step_directories(run_dir)
+    first = load_checkpoint(steps[0])
+    target = output_root / first.config.checkpointing.run_name
+    output_root.mkdir(parents=True, exist_ok=True)
+    with replacing_directory(target, overwrite) as tmp:
+        (tmp / "checkpoints").mkdir(parents=True)
+        for step_dir in (progress(steps) if progress else steps):
+            checkpoint = load_checkpoint(step_dir)
+            out = tmp / "checkpoints" / step_dir.name
+            gap = export_checkpoint(checkpoint, out, "pico", tokenizer, verify=verify)
+            if (step_dir / "learning_dynamics").is_dir():
+                shutil.copytree(step_dir / "learning_dynamics", out / "learning_dynamics")
+            print(f"step {checkpoint.step}: {checkpoint.source}; verified max |logit diff| "
+                  f"{'skipped' if gap is None else f'{gap:.2e}'}", flush=True)
+        (tmp / "checkpoints" / "latest").symlink_to(steps[-1].name)
+        if (run_dir / "eval_results").is_dir():
+            shutil.copytree(run_dir / "eval_results", tmp / "eval_results")
+        (tmp / "training_config.yaml").write_text(yaml.safe_dump(pico_training_config(first), sort_keys=False))
+    return target
