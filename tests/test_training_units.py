@@ -101,10 +101,10 @@ def test_flop_formula_counts_matmul_parameters():
 
 
 def test_separate_eval_prefix(sample_prefix):
-    from megapico.training.trainer import _eval_dataset
+    from megapico.training.trainer import build_eval_dataset
 
     config = load_config(None, [f"data.train_data_path=[{sample_prefix}]", f"data.eval_data_path=[{sample_prefix}]",
                                 "data.seq_len=16", "evaluation.max_batches=2", "training.micro_batch_size=2"])
-    whole = _eval_dataset(config, ParallelState())  # the eval prefix is used whole (split 1,0,0), not its valid part
+    whole = build_eval_dataset(config, ParallelState())  # the eval prefix whole (split 1,0,0), not its valid part
     valid = build_dataset([sample_prefix], "valid", 4, 16, config.data.seed, split=config.data.split)
     assert len(whole.documents) == 3187 and len(valid.documents) < 100

@@ -192,6 +192,11 @@ class IndexedDataset:
     def __getitem__(self, index: int) -> np.ndarray:
         return self.get(index)
 
+    def max_token_id(self, first_tokens: int = 1 << 24) -> int:
+        """Largest id among the first `first_tokens` tokens (a bounded look; -1 when empty)."""
+        head = self._bin[:first_tokens]
+        return int(head.max()) if len(head) else -1
+
 
 def merge_datasets(prefixes: list[str | Path], output_prefix: str | Path) -> IndexedDataset:
     """Concatenate several prefixes (same dtype) into one, in the order given."""

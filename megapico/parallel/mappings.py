@@ -37,7 +37,7 @@ def _split_last_dim(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.T
     return tensor.chunk(size, dim=-1)[group_rank(group)].contiguous()
 
 
-def _gather_last_dim(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+def all_gather_last_dim(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     size = group_size(group)
     if size == 1:
         return tensor
@@ -71,7 +71,7 @@ class _GatherFromTensorParallel(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:  # noqa: ANN001
         ctx.group = group
-        return _gather_last_dim(x, group)
+        return all_gather_last_dim(x, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001
@@ -86,7 +86,7 @@ class _ScatterToTensorParallel(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # noqa: ANN001
-        return _gather_last_dim(grad, ctx.group), None
+        return all_gather_last_dim(grad, ctx.group), None
 
 
 def copy_to_tensor_parallel(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:

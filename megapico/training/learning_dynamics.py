@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from megapico.model import PicoDecoder, gather_full_tensor
-from megapico.parallel.mappings import _gather_last_dim
+from megapico.parallel.mappings import all_gather_last_dim
 
 SUFFIXES = ("attention.v_proj", "attention.o_proj", "swiglu.w_2")
 
@@ -43,7 +43,7 @@ def capture_learning_dynamics(model: PicoDecoder, samples: np.ndarray, micro_bat
 
         def hook(module, inputs, output) -> None:  # noqa: ANN001
             last = output[:, -1, :].detach().float()
-            activations[name].append(_gather_last_dim(last, group) if column_parallel else last)
+            activations[name].append(all_gather_last_dim(last, group) if column_parallel else last)
         return hook
 
     handles = [modules[name].register_forward_hook(hook_for(name)) for name in names]

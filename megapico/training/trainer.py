@@ -58,11 +58,10 @@ def check_data_fits_model(config: MegapicoConfig) -> None:
                               f"model.vocab_size is {vocab}")
     for _, prefix in parse_blend(config.data.train_data_path) + (
             parse_blend(config.data.eval_data_path) if config.data.eval_data_path else []):
-        dataset = IndexedDataset(prefix)
-        head = dataset._bin[: 1 << 24]  # a bounded look: the first 16M tokens
-        if len(head) and int(head.max()) >= vocab:
-            raise DataError(f"{prefix}.bin: token id {int(head.max())} >= model.vocab_size {vocab} (was it "
-                            f"tokenized with another tokenizer?)")
+        largest = IndexedDataset(prefix).max_token_id()  # the first 16M tokens: cheap, and catches a wrong tokenizer
+        if largest >= vocab:
+            raise DataError(f"{prefix}.bin: token id {largest} >= model.vocab_size {vocab} (was it tokenized with "
+                            f"another tokenizer?)")
 
 
 def build_engine(config: MegapicoConfig, parallel: ParallelState):  # noqa: ANN202
@@ -96,7 +95,7 @@ def _resume(engine, scheduler, config: MegapicoConfig, parallel: ParallelState):
     return point
 
 
-def _eval_dataset(config: MegapicoConfig, parallel: ParallelState):  # noqa: ANN202
+def build_eval_dataset(config: MegapicoConfig, parallel: ParallelState):  # noqa: ANN202
     data, evaluation = config.data, config.evaluation
     wanted = evaluation.max_batches * config.training.micro_batch_size * parallel.dp_size or 1
     if data.eval_data_path:
@@ -119,7 +118,7 @@ def pretrain(config: MegapicoConfig) -> TrainResult:
     global_batch = train.micro_batch_size * train.gradient_accumulation_steps * parallel.dp_size
     train_dataset = build_dataset(data.train_data_path, "train", train.max_steps * global_batch, data.seq_len,
                                   data.seed, data.split, data.cache_dir)
-    eval_dataset = _eval_dataset(config, parallel)
+    eval_dataset = build_eval_dataset(config, parallel)
 
     engine, scheduler = build_engine(config, parallel)
     resumed = _resume(engine, scheduler, config, parallel)
