@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import REPO
 from conftest import training_overrides as overrides
 from distributed import train
@@ -87,6 +88,29 @@ def test_resume_from_tp2_to_tp1(sample_prefix, tmp_path, reference):
     tp1 = train(1, overrides(sample_prefix, tmp_path), tmp_path)
     assert tp1["resumed_from"] == 3
     assert_losses_close(tp1["losses"], {s: reference["losses"][s] for s in (4, 5)}, 1e-4)
+
+
+def test_bf16_run_checkpoints_and_converts(sample_prefix, tmp_path, reference):
+    """The GPU default precision on CPU: DeepSpeed's bf16 engine, learning dynamics, a verified export, and a
+    resume at another layout (DeepSpeed names bf16 ZeRO files differently)."""
+    from convert_to_hf import main as to_hf_main
+
+    from megapico.convert.checkpoint_reader import load_checkpoint
+
+    result = train(1, overrides(sample_prefix, tmp_path, **{
+        "training.precision": "bf16", "training.max_steps": 2, "training.lr_warmup_steps": 0,
+        "checkpointing.learning_dynamics.enabled": True, "checkpointing.learning_dynamics.batch_size": 4}), tmp_path)
+    assert abs(result["losses"][1] - reference["losses"][1]) < 0.05  # same data and init, bf16 rounding only
+    checkpoints = tmp_path / "runs" / "megapico-run" / "checkpoints"
+    w_2 = torch.load(checkpoints / "step_2" / "learning_dynamics" / "train_activations.pt")["layers.1.swiglu.w_2"]
+    assert w_2.dtype == torch.float32 and w_2.shape == (4, 96)
+    checkpoint = load_checkpoint(checkpoints / "latest")
+    assert checkpoint.source.startswith("fp32 master weights")
+    assert to_hf_main(["--checkpoint", str(checkpoints / "latest"), "--output", str(tmp_path / "hf")]) == 0
+    resumed = train(2, overrides(sample_prefix, tmp_path, **{
+        "training.precision": "bf16", "training.max_steps": 3, "training.lr_warmup_steps": 0,
+        "parallel.tensor_parallel_size": 2}), tmp_path)
+    assert resumed["resumed_from"] == 2 and math.isfinite(resumed["losses"][3])
 
 
 def test_eval_results_and_wandb_offline_files(sample_prefix, tmp_path):

@@ -17,6 +17,11 @@ from megapico.model import merge_tp_state_dicts, shard_state_dict
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
+def zero_shard_path(directory: Path, dp_rank: int, tp_rank: int, bf16: bool) -> Path:
+    """DeepSpeed's name for a ZeRO partition file (bf16 runs prefix it with bf16_)."""
+    return directory / f"{'bf16_' if bf16 else ''}zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt"
+
+
 def _load(path: Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing checkpoint shard (was the save interrupted, or a file lost?)")
@@ -34,15 +39,15 @@ def _adam_states(shard: dict) -> list[dict]:
             for group_state, partition in zip(state, partitions, strict=True)]
 
 
-def read_full_state(directory: str | Path, tp_size: int, dp_size: int) -> dict[str, dict[str, torch.Tensor]]:
+def read_full_state(directory: str | Path, tp_size: int, dp_size: int,
+                    bf16: bool) -> dict[str, dict[str, torch.Tensor]]:
     """{"weight" | "exp_avg" | "exp_avg_sq": full pico state dict} and {"step": ...} from a checkpoint dir."""
     directory = Path(directory)
     per_tp: dict[str, list[dict[str, torch.Tensor]]] = {name: [] for name in ("weight", *MOMENTS)}
     steps = set()
     for tp_rank in range(tp_size):
         model_states = _load(directory / f"mp_rank_{tp_rank:02d}_model_states.pt")
-        shards = [_load(directory / f"zero_pp_rank_{dp}_mp_rank_{tp_rank:02d}_optim_states.pt")["optimizer_state_dict"]
-                  for dp in range(dp_size)]
+        shards = [_load(zero_shard_path(directory, dp, tp_rank, bf16))["optimizer_state_dict"] for dp in range(dp_size)]
         adam = [_adam_states(shard) for shard in shards]
         tensors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in per_tp}
         for group, shapes in enumerate(model_states["param_shapes"]):

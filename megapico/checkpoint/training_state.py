@@ -1,7 +1,7 @@
 """Save and resume a training run: DeepSpeed's engine checkpoint plus megapico's own state.
 
 Layout: runs/{run}/checkpoints/step_{N}/ holds DeepSpeed's files (mp_rank_XX_model_states.pt,
-zero_pp_rank_D_mp_rank_XX_optim_states.pt), megapico_state.json (step, consumed samples, layout, tokenizer),
+[bf16_]zero_pp_rank_D_mp_rank_XX_optim_states.pt), megapico_state.json (step, consumed samples, layout, tokenizer),
 config.yaml and rng_rank{R}.pt for every rank. `checkpoints/latest` (DeepSpeed's tag file) is replaced
 atomically by rank 0 only after a barrier that every rank reaches once its files are written, so a run
 killed during a save resumes from the previous complete checkpoint.
@@ -30,6 +30,7 @@ class ResumePoint:
     tag: str
     tensor_parallel_size: int
     data_parallel_size: int
+    bf16: bool
 
 
 def checkpoint_root(config: MegapicoConfig) -> Path:
@@ -92,7 +93,7 @@ def find_resume_point(config: MegapicoConfig) -> ResumePoint | None:
                                 f"{latest} at an earlier step_N")
     state = json.loads(state_path.read_text())
     return ResumePoint(state["step"], state["consumed_samples"], tag, state["tensor_parallel_size"],
-                       state["data_parallel_size"])
+                       state["data_parallel_size"], state["bf16"])
 
 
 def restore_rng(config: MegapicoConfig, point: ResumePoint) -> None:

@@ -67,13 +67,13 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
             raise CheckpointError(f"{path_tp}: from step {saved.get('global_steps')}, but the checkpoint is step "
                                   f"{step}; shards from different steps were mixed")
         module_shards.append({key: value.float() for key, value in saved["module"].items()})
-    zero_files = list(directory.glob("zero_pp_rank_*_optim_states.pt"))
+    zero_files = list(directory.glob("*zero_pp_rank_*_optim_states.pt"))
     if zero_files:
         if len(zero_files) != tp * dp:
             raise CheckpointError(f"{directory}: {len(zero_files)} ZeRO shards, TP={tp} x DP={dp} needs {tp * dp}; "
                                   f"the checkpoint is incomplete")
         try:
-            full = read_full_state(directory, tp, dp)["weight"]
+            full = read_full_state(directory, tp, dp, state["bf16"])["weight"]
         except FileNotFoundError as err:
             raise CheckpointError(str(err)) from None
         source = f"fp32 master weights from {tp * dp} ZeRO partitions"

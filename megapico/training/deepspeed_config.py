@@ -50,8 +50,8 @@ def build_deepspeed_config(config: MegapicoConfig, dp_size: int) -> dict:
                           f"{train.precision} (resolved: {'bf16' if bf16 else 'fp32'})")
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
     zero = ds.setdefault("zero_optimization", {"stage": 2})
-    if zero.get("stage") not in (1, 2):
-        raise ConfigError(f"{path}: zero_optimization.stage={zero.get('stage')}; megapico runs ZeRO stage 1 or 2")
+    if zero.get("stage") != 2:  # checkpoint resharding reads and writes DeepSpeedZeroOptimizer's partitions
+        raise ConfigError(f"{path}: zero_optimization.stage={zero.get('stage')}; megapico runs ZeRO stage 2")
     if zero.get("elastic_checkpoint"):
         # DeepSpeed 0.19's elastic loader asserts on a key its own saver does not write; megapico's reshard
         # (megapico/checkpoint/reshard.py) already loads a checkpoint at any other TP x DP layout.

@@ -85,7 +85,7 @@ def _resume(engine, scheduler, config: MegapicoConfig, parallel: ParallelState):
     if (point.tensor_parallel_size, point.data_parallel_size) == (parallel.tp_size, parallel.dp_size):
         engine.load_checkpoint(str(root), tag=point.tag, load_optimizer_states=True, load_lr_scheduler_states=True)
     else:  # another layout: full tensors from the saved shards, re-sharded for this one
-        full = read_full_state(root / point.tag, point.tensor_parallel_size, point.data_parallel_size)
+        full = read_full_state(root / point.tag, point.tensor_parallel_size, point.data_parallel_size, point.bf16)
         load_full_state_into_engine(engine, full, parallel.tp_rank, parallel.tp_size)
         engine.global_steps, engine.global_samples = point.step, point.consumed_samples
         scheduler.last_epoch = point.step
