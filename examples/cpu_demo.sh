@@ -7,6 +7,7 @@
 #   5. convert every checkpoint (steps 0, 20, 40) into a pico run directory: verified HF checkpoints +
 #      learning dynamics, readable by pico-analyze (--run_path runs/pico/cpu-demo) and transformers
 # Outputs: runs/cpu-demo/ (config.yaml, checkpoints/, eval_results/, wandb/ offline logs), runs/pico/cpu-demo/.
+# Each run starts fresh: it removes the outputs of an earlier demo run (runs/cpu-demo*, runs/pico/cpu-demo).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/ensure_venv.sh

@@ -211,10 +211,8 @@ def preprocess(options: PreprocessOptions) -> dict:
         progress.close()
         if pool is not None:
             pool.terminate()
-    finals = {}
-    for key, prefixes in part_prefixes.items():
-        final = merge_datasets(prefixes, output_prefix_for(options.output_prefix, key))
-        finals[key] = final
+    finals = {key: merge_datasets(prefixes, output_prefix_for(options.output_prefix, key))
+              for key, prefixes in part_prefixes.items()}
     shutil.rmtree(parts_dir)
     first = finals[options.json_keys[0]]
     return dict(documents=len(first), tokens=first.num_tokens, documents_read=totals["documents_in"],
