@@ -16,6 +16,7 @@ setup(
         "datasets>=3.0",
         "sentencepiece>=0.2",
         "tokenizers>=0.20",
+        "tiktoken>=0.7,<1",  # exact, faster encoder for byte-level BPE files (megapico/data/bytelevel_bpe.py)
         "transformers>=4.45",
         "safetensors>=0.4",
         "wandb>=0.18",

@@ -4,7 +4,7 @@ Peer, measured in the same run on the same file: Megatron-LM's tools/preprocess_
 here (the main process reads lines; a Pool of --workers runs json.loads and Megatron's HuggingFaceTokenizer,
 i.e. a transformers tokenizer called on one document at a time, imap chunksize 32; Python lists of ids come
 back and the main process writes each document with np.array + write, as IndexedDatasetBuilder.add_document
-does). Peak RSS of megapico counts its workers too.
+does). megapico runs with each --tokenizer-backend (same output ids); peak RSS counts its workers too.
     python benchmarks/bench_preprocess.py --docs 100000 --workers 1 2
 """
 
@@ -52,7 +52,7 @@ def megatron_style(path, workers, out_path):
     return docs, time.perf_counter() - start
 
 
-def megapico(path, workers, out_prefix):
+def megapico(path, workers, backend, out_prefix):
     """Run the real tool in a child process so its peak RSS (and its workers') is measured alone."""
     code = (
         "import resource, sys, time; sys.argv=['x']+sys.argv[1:]\n"
@@ -62,7 +62,7 @@ def megapico(path, workers, out_prefix):
         ".ru_maxrss)\n"
         "print('RESULT', seconds, rss)\n")
     argv = ["--input", str(path), "--output-prefix", out_prefix, "--tokenizer-model", str(TOKENIZER),
-            "--append-eod", "--workers", str(workers)]
+            "--append-eod", "--workers", str(workers), "--tokenizer-backend", backend]
     out = subprocess.run([sys.executable, "-c", code, *argv], cwd=REPO, capture_output=True, text=True, check=True)
     line = next(line for line in out.stdout.splitlines() if line.startswith("RESULT"))
     summary = next(line for line in out.stdout.splitlines() if line.startswith("done:"))
@@ -77,6 +77,7 @@ def main():
     parser.add_argument("--source", default=str(REPO / "data" / "sample" / "documents"))
     parser.add_argument("--docs", type=int, default=100_000)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--backends", nargs="+", default=["tiktoken", "huggingface"])
     args = parser.parse_args()
     lines = []
     for path in sorted(Path(args.source).glob("*.json*")):
@@ -89,12 +90,14 @@ def main():
                 handle.write(lines[i % len(lines)])
         print(f"input: {args.docs:,} documents ({corpus.stat().st_size / 2**20:.1f} MiB gzip), cpus={os.cpu_count()}")
         for workers in args.workers:
-            docs, tokens, seconds, rss = megapico(corpus, workers, f"{tmp}/out{workers}")
             peer_docs, peer_seconds = megatron_style(corpus, workers, f"{tmp}/peer.bin")
-            assert peer_docs == docs
-            print(f"workers={workers}: megapico {docs / seconds:,.0f} docs/s, {tokens / seconds:,.0f} tokens/s, "
-                  f"peak RSS {rss:,.0f} MiB | megatron-style {peer_docs / peer_seconds:,.0f} docs/s | "
-                  f"ratio {(docs / seconds) / (peer_docs / peer_seconds):.2f}x")
+            print(f"workers={workers}: megatron-style {peer_docs / peer_seconds:,.0f} docs/s")
+            for backend in args.backends:
+                docs, tokens, seconds, rss = megapico(corpus, workers, backend, f"{tmp}/out{workers}{backend}")
+                assert peer_docs == docs
+                print(f"workers={workers}: megapico --tokenizer-backend {backend}: {docs / seconds:,.0f} docs/s, "
+                      f"{tokens / seconds:,.0f} tokens/s, peak RSS {rss:,.0f} MiB | "
+                      f"ratio to megatron-style {(docs / seconds) / (peer_docs / peer_seconds):.2f}x")
 
 
 if __name__ == "__main__":

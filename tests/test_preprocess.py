@@ -51,6 +51,15 @@ def test_dolma_directory_matches_the_tokenizer_in_order(sample_prefix, reference
     _assert_documents(sample_prefix, reference_ids)
 
 
+def test_huggingface_backend_writes_the_same_files(tmp_path, capsys, sample_prefix):
+    """The sample prefix was encoded by the default backend, tiktoken; HF's own encoder must agree byte for byte."""
+    assert _run(tmp_path, SAMPLE_DOCUMENTS, "--tokenizer-backend", "huggingface") == 0
+    assert "encoder huggingface; asked for" in capsys.readouterr().out
+    for suffix in (".bin", ".idx"):
+        with open(f"{sample_prefix}{suffix}", "rb") as expected:
+            assert (tmp_path / f"out_text_document{suffix}").read_bytes() == expected.read()
+
+
 def test_two_workers_give_identical_files(tmp_path, sample_prefix):
     assert _run(tmp_path, SAMPLE_DOCUMENTS, "--workers", "2", "--log-interval", "100") == 0
     for suffix in (".bin", ".idx"):
@@ -113,6 +122,7 @@ BAD_RECORDS = [
     (b'{"text": "fine"}\n{"body": "no text key"}\n', "in.jsonl:2: no key 'text'"),
     (b'{"text": "fine"}\n{"text": "ok"}\n{"text": "caf\xe9"}\n', "in.jsonl:3: non-UTF-8 bytes"),
     (b'{"text": 7}\n', "in.jsonl:1: value is not a string"),
+    (b'{"text": "pair \\ud83d\\ude00 ok"}\n{"text": "lone \\udc00 half"}\n', "in.jsonl:2: a \\u escape of a lone"),
 ]
 
 
@@ -130,9 +140,9 @@ def test_skip_bad_records_counts_by_reason(tmp_path, capsys):
     assert _run(tmp_path, tmp_path / "in.jsonl", "--skip-bad-records") == 0
     out = capsys.readouterr().out
     for reason in ("malformed JSON: 1", "no key 'text': 1", "non-UTF-8 bytes: 1", "value is not a string: 1",
-                   "empty document (text): 1"):
+                   "lone UTF-16 surrogate (not text): 1", "empty document (text): 1"):
         assert reason in out
-    assert len(IndexedDataset(tmp_path / "out_text_document")) == 4  # fine, fine, ok, fine
+    assert len(IndexedDataset(tmp_path / "out_text_document")) == 5  # fine, fine, ok, fine, pair
 
 
 def test_pretokenized_id_outside_vocab(tmp_path, capsys):

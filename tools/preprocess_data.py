@@ -11,7 +11,7 @@ import sys
 
 from megapico.data.indexed_dataset import DataError
 from megapico.data.preprocess import PreprocessOptions, preprocess
-from megapico.data.tokenizer import TOKENIZER_TYPES
+from megapico.data.tokenizer import BACKENDS, TOKENIZER_TYPES
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--tokenizer-type", choices=sorted(TOKENIZER_TYPES), default=None,
                        help="default: SentencePieceTokenizer for a .model file, else HuggingFaceTokenizer")
     group.add_argument("--tokenizer-model", help="tokenizer.json, a HF tokenizer directory, or a sentencepiece .model")
+    group.add_argument("--tokenizer-backend", choices=BACKENDS, default="auto",
+                       help="encoder for a HF tokenizer: tiktoken (same ids, ~4x faster; byte-level BPE files such "
+                            "as pico's), huggingface, or auto = tiktoken where the file allows it")
     group.add_argument("--append-eod", action="store_true", help="append the end-of-document token to each document")
     group.add_argument("--vocab-size", type=int, help="for already tokenized input without --tokenizer-model")
     group = parser.add_argument_group("output")
@@ -44,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     options = PreprocessOptions(
         input=args.input, output_prefix=args.output_prefix, json_keys=args.json_keys,
-        tokenizer_model=args.tokenizer_model, tokenizer_type=args.tokenizer_type, append_eod=args.append_eod,
+        tokenizer_model=args.tokenizer_model, tokenizer_type=args.tokenizer_type,
+        tokenizer_backend=args.tokenizer_backend, append_eod=args.append_eod,
         workers=max(1, args.workers), skip_bad_records=args.skip_bad_records, hf_split=args.hf_split,
         vocab_size=args.vocab_size)
     try:

@@ -1,7 +1,7 @@
 """Dolma (JSON lines, gz, zst, parquet, HF datasets) -> Megatron .bin/.idx, parallel and streaming.
 
 Work flows as chunks (readers.py): the main process reads raw bytes, workers parse JSON, validate and
-batch-encode with the tokenizer's Rust batch API, and send back numpy arrays (tokens + lengths); the main
+encode (tokenizer.py: tiktoken or HF's Rust batch API), and send back numpy arrays (tokens + lengths); the main
 process writes them in input order. At most 2 x workers chunks are in flight, so memory stays flat.
 Each input file becomes an atomically finished part under `{output_prefix}.parts/`, so a re-run skips the
 files already done; the parts are then merged into `{output_prefix}_{key}_document.{bin,idx}`.
@@ -33,6 +33,7 @@ class PreprocessOptions:
     json_keys: list[str] = field(default_factory=lambda: ["text"])
     tokenizer_model: str | None = None
     tokenizer_type: str | None = None
+    tokenizer_backend: str = "auto"  # see megapico.data.tokenizer.BACKENDS
     append_eod: bool = False
     workers: int = 1
     skip_bad_records: bool = False
@@ -53,13 +54,23 @@ class ChunkResult:
 _worker_tokenizer: Tokenizer | None = None
 
 
-def _init_worker(tokenizer_model: str | None, tokenizer_type: str | None, threads: int | None = None) -> None:
+def _init_worker(tokenizer_model: str | None, tokenizer_type: str | None, backend: str,
+                 threads: int | None = None) -> None:
     """Load the tokenizer once per process. With several worker processes each gets one Rust thread, so the
     batch encoder's thread pool does not oversubscribe the cores the processes already fill."""
     global _worker_tokenizer
     if threads is not None:
         os.environ["RAYON_NUM_THREADS"] = str(threads)
-    _worker_tokenizer = load_tokenizer(tokenizer_model, tokenizer_type) if tokenizer_model else None
+    _worker_tokenizer = load_tokenizer(tokenizer_model, tokenizer_type, backend) if tokenizer_model else None
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    """JSON may escape an unpaired surrogate half (\\ud800); no encoder can take it as text."""
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
 
 
 def _parse_lines(chunk: Chunk, keys: list[str], skipped: Counter) -> tuple[dict[str, list[str]], str | None]:
@@ -78,6 +89,8 @@ def _parse_lines(chunk: Chunk, keys: list[str], skipped: Counter) -> tuple[dict[
                 reason = f"no key '{next(key for key in keys if key not in record)}'"
             elif any(not isinstance(record[key], str) for key in keys):
                 reason = "value is not a string"
+            elif b"\\ud" in line.lower() and any(_has_lone_surrogate(record[key]) for key in keys):
+                reason = "a \\u escape of a lone UTF-16 surrogate (not text)"
         except UnicodeDecodeError:
             reason = "non-UTF-8 bytes"
         except json.JSONDecodeError:
@@ -167,7 +180,12 @@ def preprocess(options: PreprocessOptions) -> dict:
     """Build the output prefixes; returns the summary (documents, tokens, skipped by reason, seconds)."""
     start = time.perf_counter()
     sources = discover_sources(options.input)
-    tokenizer = load_tokenizer(options.tokenizer_model, options.tokenizer_type) if options.tokenizer_model else None
+    tokenizer = None
+    if options.tokenizer_model:
+        tokenizer = load_tokenizer(options.tokenizer_model, options.tokenizer_type, options.tokenizer_backend)
+        note = f"; {tokenizer.backend_note}" if tokenizer.backend_note else ""
+        print(f"tokenizer: {tokenizer.path} (vocab {tokenizer.vocab_size:,}, eod {tokenizer.eod_id}, "
+              f"encoder {tokenizer.backend}{note})")
     vocab_size = tokenizer.vocab_size if tokenizer else options.vocab_size
     eod_id = tokenizer.eod_id if tokenizer else None
     if vocab_size is None:
@@ -180,11 +198,12 @@ def preprocess(options: PreprocessOptions) -> dict:
     totals = Counter()
     skipped: Counter = Counter()
     pool = None
+    # Workers use the encoder the main process chose, so an `auto` choice cannot differ between them.
+    worker_args = (options.tokenizer_model, options.tokenizer_type, tokenizer.backend if tokenizer else "huggingface")
     if options.workers > 1:
-        pool = multiprocessing.get_context("spawn").Pool(
-            options.workers, _init_worker, (options.tokenizer_model, options.tokenizer_type, 1))
+        pool = multiprocessing.get_context("spawn").Pool(options.workers, _init_worker, (*worker_args, 1))
     else:
-        _init_worker(options.tokenizer_model, options.tokenizer_type)
+        _init_worker(*worker_args)
     total_bytes = sum(Path(s).stat().st_size for s in sources if Path(s).is_file())
     progress = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", dynamic_ncols=True,
                     miniters=1, mininterval=1.0)
