@@ -11,6 +11,7 @@ import sys
 
 from megapico.config import ConfigError, load_config
 from megapico.data.indexed_dataset import DataError
+from megapico.parallel import LaunchError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         from megapico.training.trainer import pretrain  # deepspeed is imported only once the config is valid
 
         pretrain(config)
-    except (ConfigError, DataError, FileNotFoundError) as err:
+    except (ConfigError, DataError, LaunchError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

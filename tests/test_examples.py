@@ -4,7 +4,7 @@ import pytest
 from conftest import REPO
 
 from megapico.config import load_config, validate_config
-from megapico.training.deepspeed_config import build_deepspeed_config
+from megapico.training.deepspeed_config import build_deepspeed_config, resolve_precision
 
 
 @pytest.mark.parametrize("size", ["tiny", "small", "medium", "large"])
@@ -18,7 +18,8 @@ def test_16xA100_recipes(size, monkeypatch):
     assert (train.max_steps, train.lr, train.lr_warmup_steps, train.weight_decay, config.data.seq_len) == (
         200_000, 3e-4, 2500, 0.01, 2048)
     ds = build_deepspeed_config(config, dp)
-    assert ds["bf16"]["enabled"] and ds["train_batch_size"] == 1024 and ds["zero_optimization"]["stage"] == 2
+    assert resolve_precision(config) == "bf16-mixed" and not ds["bf16"]["enabled"]  # fp32 engine + autocast
+    assert ds["train_batch_size"] == 1024 and ds["zero_optimization"]["stage"] == 2
 
 
 def test_cpu_demo_config(monkeypatch):

@@ -49,9 +49,19 @@ def test_deepspeed_config_is_derived_and_disagreements_are_errors(tmp_path):
         512, 4, 8)
     assert ds["gradient_clipping"] == 0.0 and ds["bf16"] == {"enabled": False}
     assert ds["zero_optimization"]["stage"] == 2
-    a100 = build_deepspeed_config(load_config(None, ["training.precision=bf16",
+    a100 = build_deepspeed_config(load_config(None, ["training.precision=bf16", "model_preset=tiny",
                                                      f"training.deepspeed_config={a100_json}"]), 16)
-    assert a100["bf16"]["enabled"] is True and a100["zero_optimization"]["overlap_comm"] is True
+    assert a100["bf16"]["enabled"] is True
+    # fp32 gradient accumulation over micro-steps and fp32 reduction over DP under DeepSpeed's bf16
+    assert a100["data_types"] == {"grad_accum_dtype": "fp32"} and a100["communication_data_type"] == "fp32"
+    # tiny (11.3M parameters) fits one 40M bucket: sized to the model, nothing to overlap
+    zero = a100["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 11_282_944 and not zero["overlap_comm"]
+    medium = build_deepspeed_config(load_config(None, ["training.precision=bf16-mixed", "model_preset=medium",
+                                                       f"training.deepspeed_config={a100_json}"]), 16)
+    assert medium["bf16"]["enabled"] is False  # bf16-mixed: an fp32 engine under torch.autocast
+    assert medium["zero_optimization"]["reduce_bucket_size"] == 40_000_000 and medium["zero_optimization"][
+        "overlap_comm"]
     cases = [({"train_batch_size": 100}, "train_batch_size=100 disagrees with the megapico config (512)"),
              ({"optimizer": {"type": "Adam"}}, "remove 'optimizer'"),
              ({"bf16": {"enabled": True}}, "bf16.enabled=True disagrees with training.precision=fp32"),
@@ -62,6 +72,10 @@ def test_deepspeed_config_is_derived_and_disagreements_are_errors(tmp_path):
         config.training.deepspeed_config = str(path)
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
             build_deepspeed_config(config, dp_size=16)
+    path.write_text(json.dumps({"communication_data_type": "bf16"}))
+    config.training.precision = "bf16"
+    with pytest.raises(ConfigError, match="communication_data_type=bf16 would accumulate or reduce gradients in bf16"):
+        build_deepspeed_config(config, dp_size=16)
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="ds.json: not valid JSON"):
         build_deepspeed_config(config, dp_size=16)

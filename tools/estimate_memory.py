@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from megapico.config import ConfigError, load_config
+from megapico.training.deepspeed_config import resolve_precision
 from megapico.training.memory_estimate import estimate_memory
 
 EXAMPLES = {name: Path(__file__).resolve().parent.parent / "examples" / f"pico_{name}_16xA100.yaml"
@@ -20,7 +21,7 @@ def row(name: str, config_path: str, overrides: list[str], gpus: int) -> str:
     config = load_config(config_path, overrides)
     train = config.training
     estimate = estimate_memory(config.model, gpus, config.parallel.tensor_parallel_size, train.micro_batch_size,
-                               config.data.seq_len)
+                               config.data.seq_len, resolve_precision(config, cuda=True))
     tp = config.parallel.tensor_parallel_size
     cells = [name, tp, gpus // tp, train.micro_batch_size, f"{estimate.weights:.2f}", f"{estimate.gradients:.2f}",
              f"{estimate.optimizer:.2f}", f"{estimate.activations:.1f}", f"{estimate.activations_checkpointed:.1f}",

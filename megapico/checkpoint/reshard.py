@@ -70,22 +70,55 @@ def read_full_state(directory: str | Path, tp_size: int, dp_size: int,
     return full
 
 
+def _dp_rank(optimizer) -> int:  # noqa: ANN001
+    return torch.distributed.get_rank(group=optimizer.dp_process_group)
+
+
 @torch.no_grad()
-def load_full_state_into_engine(engine, full: dict, tp_rank: int, tp_size: int) -> None:  # noqa: ANN001
-    """Write full weights and Adam moments into a ZeRO-1/2 engine at any TP x DP layout."""
+def write_local_state_into_engine(engine, local: dict[str, dict[str, torch.Tensor]],  # noqa: ANN001
+                                  step: int | None) -> None:
+    """Write this TP rank's tensors into a ZeRO-1/2 engine: always the weights (module copy, in its dtype, and
+    this DP rank's slice of the fp32 masters); with a `step`, also the Adam moments in `local`."""
     optimizer = engine.optimizer
     names = {param: name for name, param in engine.module.named_parameters()}
-    local = {kind: shard_state_dict(full[kind], tp_rank, tp_size) for kind in ("weight", *MOMENTS)}
     for param, name in names.items():
         param.copy_(local["weight"][name].to(param.dtype))
+    kinds = ("weight",) if step is None else ("weight", *MOMENTS)
     for group, params in enumerate(optimizer.bit16_groups):
         partition = optimizer.single_partition_of_fp32_groups[group]
-        state = optimizer.optimizer.state[partition]  # empty until the first step: Adam creates it lazily
-        for moment in MOMENTS:
-            state.setdefault(moment, torch.zeros_like(partition))
-        rank = torch.distributed.get_rank(group=optimizer.dp_process_group)
-        for kind, target in (("weight", partition), *((moment, state[moment]) for moment in MOMENTS)):
-            flat = torch.cat([local[kind][names[p]].reshape(-1).float() for p in params])
+        targets = {"weight": partition}
+        if step is not None:
+            state = optimizer.optimizer.state[partition]  # empty until the first step: Adam creates it lazily
+            for moment in MOMENTS:
+                targets[moment] = state.setdefault(moment, torch.zeros_like(partition))
+            state["step"] = torch.tensor(float(step))  # torch.optim.AdamW keeps it as a CPU tensor
+        rank = _dp_rank(optimizer)
+        for kind in kinds:
+            target = targets[kind]
+            flat = torch.cat([local[kind][names[p]].reshape(-1).to(target.device, torch.float32) for p in params])
             flat = torch.nn.functional.pad(flat, (0, target.numel() * optimizer.partition_count[group] - flat.numel()))
             target.copy_(flat[rank * target.numel():(rank + 1) * target.numel()])
-        state["step"] = torch.tensor(float(full["step"]))  # torch.optim.AdamW keeps it as a CPU tensor
+
+
+def load_full_state_into_engine(engine, full: dict, tp_rank: int, tp_size: int) -> None:  # noqa: ANN001
+    """Write full weights and Adam moments into a ZeRO-1/2 engine at any TP x DP layout."""
+    local = {kind: shard_state_dict(full[kind], tp_rank, tp_size) for kind in ("weight", *MOMENTS)}
+    write_local_state_into_engine(engine, local, full["step"])
+
+
+@torch.no_grad()
+def gather_master_weights(engine) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """This TP rank's fp32 master weights, all-gathered from the ZeRO partitions of its DP group (collective
+    over DP). In a bf16 run these are the weights being trained; the module holds only their bf16 rounding."""
+    optimizer = engine.optimizer
+    names = {param: name for name, param in engine.module.named_parameters()}
+    weights = {}
+    for group, params in enumerate(optimizer.bit16_groups):
+        partition = optimizer.single_partition_of_fp32_groups[group]
+        parts = [torch.empty_like(partition) for _ in range(optimizer.partition_count[group])]
+        torch.distributed.all_gather(parts, partition, group=optimizer.dp_process_group)
+        flat, offset = torch.cat(parts), 0
+        for param in params:
+            weights[names[param]] = flat[offset:offset + param.numel()].view(param.shape).clone()
+            offset += param.numel()
+    return weights

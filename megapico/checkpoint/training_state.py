@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from megapico.config import MegapicoConfig, save_config
-from megapico.parallel import ParallelState
+from megapico.parallel import ParallelState, agree_across_ranks
 
 STATE_FILE = "megapico_state.json"
 
@@ -94,6 +94,16 @@ def find_resume_point(config: MegapicoConfig) -> ResumePoint | None:
     state = json.loads(state_path.read_text())
     return ResumePoint(state["step"], state["consumed_samples"], tag, state["tensor_parallel_size"],
                        state["data_parallel_size"], state["bf16"])
+
+
+def agreed_resume_point(config: MegapicoConfig) -> ResumePoint | None:
+    """find_resume_point on every rank, then one small all-gather: ranks that see different checkpoints (a
+    node-local runs_dir, a `latest` that moved between reads) all stop with one error instead of one node
+    resuming while the other starts fresh."""
+    point = find_resume_point(config)
+    agree_across_ranks(f"the checkpoint to resume from in {checkpoint_root(config)} (checkpointing.runs_dir must "
+                       f"be on a filesystem that every node shares)", point.tag if point else "none")
+    return point
 
 
 def restore_rng(config: MegapicoConfig, point: ResumePoint) -> None:

@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "training.lr_decay_style": ("linear", "cosine"),
-    "training.precision": ("auto", "bf16", "fp32"),
+    "training.precision": ("auto", "bf16-mixed", "bf16", "fp32"),
     "training.nan_policy": ("stop", "skip"),
     "training.activation_checkpointing.mode": ("none", "full", "selective"),
     "checkpointing.resume": ("auto", "true", "false"),
@@ -109,6 +109,8 @@ def validate_config(config: MegapicoConfig, world_size: int | None = None) -> No
     if train.lr_warmup_steps > train.max_steps:
         raise ConfigError(f"training.lr_warmup_steps={train.lr_warmup_steps} exceeds "
                           f"training.max_steps={train.max_steps}")
+    if config.checkpointing.learning_dynamics.micro_batch_size < 1:
+        raise ConfigError("checkpointing.learning_dynamics.micro_batch_size must be >= 1")
     if train.activation_checkpointing.every_n_layers < 1:
         raise ConfigError("training.activation_checkpointing.every_n_layers must be >= 1")
     if world_size is not None:

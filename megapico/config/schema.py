@@ -78,7 +78,9 @@ class TrainingConfig:
     gradient_clipping: float = 0.0
     """0 = no clipping (pico's recipe)."""
     precision: str = "auto"
-    """auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32."""
+    """bf16-mixed (pico-train's Lightning numerics: fp32 weights, gradients and optimizer, bf16 autocast for the
+    matmuls) | bf16 (DeepSpeed's: bf16 weights and activations, fp32 master weights, fp32 gradient accumulation
+    and reduction) | fp32 | auto (bf16-mixed on CUDA, fp32 on CPU)."""
     seed: int = 42
     """Seed of the weight initialisation (pico uses 42); identical on every rank so TP shards agree."""
     deepspeed_config: str = "ds_configs/zero2_cpu.json"
@@ -105,6 +107,8 @@ class LearningDynamicsConfig:
     enabled: bool = True
     batch_size: int = 256
     """Sequences in the fixed learning-dynamics batch (pico-analyze's pwcca wants more than d_model)."""
+    micro_batch_size: int = 4
+    """Sequences per fp32 forward/backward of the capture: its activation memory, beside training's."""
 
 
 @dataclass

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megapico.data.gpt_dataset import _barrier, _is_builder
+from megapico.data.index_cache import load_or_build
 
 _C_SOURCE = r"""
 #include <stdint.h>
@@ -84,15 +84,11 @@ class BlendedDataset:
         description = json.dumps(dict(cls="BlendedDataset", weights=[float(w) for w in weights], size=size,
                                       parts=[d.description_digest for d in datasets]), sort_keys=True)
         digest = hashlib.md5(description.encode()).hexdigest()
-        paths = [cache_dir / f"{digest}-{name}.npy" for name in ("dataset_index", "dataset_sample_index")]
-        if not all(p.is_file() for p in paths) and _is_builder():
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            for path, array in zip(paths, build_blending_indices(np.asarray(weights), size), strict=True):
-                tmp = path.with_suffix(f".tmp-{os.getpid()}.npy")
-                np.save(tmp, array)
-                os.replace(tmp, path)
-        _barrier()
-        self.dataset_index, self.dataset_sample_index = (np.load(p, mmap_mode="r") for p in paths)
+        names = ("dataset_index", "dataset_sample_index")
+        arrays, _ = load_or_build({name: cache_dir / f"{digest}-{name}.npy" for name in names},
+                                  lambda: dict(zip(names, build_blending_indices(np.asarray(weights), size),
+                                                   strict=True)))
+        self.dataset_index, self.dataset_sample_index = (arrays[name] for name in names)
 
     def __len__(self) -> int:
         return len(self.dataset_index)

@@ -7,19 +7,18 @@
   starting at global token i * seq_len of the shuffled stream, so samples overlap by one token. Built with
   one searchsorted over the document ends (vectorised; Megatron loops in C++), same numbers.
 - shuffle index: a seeded permutation of the samples (the final separate epoch permuted on its own).
-The three arrays are cached as .npy named by a hash of everything that determines them; rank 0 builds,
-the other ranks wait at a barrier and memory-map.
+The three arrays are cached as .npy named by a hash of everything that determines them; rank 0 builds (each
+node's local rank 0 where a node cannot see rank 0's files), the other ranks memory-map (index_cache.py).
 """
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
-import torch.distributed as dist
 
+from megapico.data.index_cache import load_or_build
 from megapico.data.indexed_dataset import DataError, IndexedDataset
 
 SPLIT_NAMES = ("train", "valid", "test")
@@ -79,15 +78,6 @@ def _shuffle_index(num_samples: int, total: int, rng: np.random.RandomState) -> 
     return np.concatenate((first, last))
 
 
-def _is_builder() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 class GPTDataset:
     """Samples of seq_len + 1 tokens (inputs + shifted targets) from one split of one prefix."""
 
@@ -110,20 +100,17 @@ class GPTDataset:
         cache = Path(cache_dir) if cache_dir else Path(indexed.prefix).parent / "index-cache"
         paths = {name: cache / f"{digest}-{name}.npy" for name in ("document_index", "sample_index", "shuffle_index")}
         self.cache_hit = all(p.is_file() for p in paths.values())
-        self.build_seconds = 0.0
-        if not self.cache_hit and _is_builder():
-            started = time.perf_counter()
-            arrays = self._build(tokens_per_epoch, num_samples, seed)
+        started = time.perf_counter()
+
+        def build() -> dict[str, np.ndarray]:
             cache.mkdir(parents=True, exist_ok=True)
             (cache / f"{digest}-description.json").write_text(json.dumps(description, indent=2))
-            for name, array in arrays.items():
-                tmp = paths[name].with_suffix(f".tmp-{os.getpid()}.npy")
-                np.save(tmp, array)
-                os.replace(tmp, paths[name])
-            self.build_seconds = time.perf_counter() - started
-        _barrier()
+            return self._build(tokens_per_epoch, num_samples, seed)
+
+        arrays, built = load_or_build(paths, build)
+        self.build_seconds = time.perf_counter() - started if built else 0.0
         self.document_index, self.sample_index, self.shuffle_index = (
-            np.load(paths[name], mmap_mode="r") for name in ("document_index", "sample_index", "shuffle_index"))
+            arrays[name] for name in ("document_index", "sample_index", "shuffle_index"))
 
     def _build(self, tokens_per_epoch: int, num_samples: int, seed: int) -> dict[str, np.ndarray]:
         num_epochs = max(1, -(-(num_samples * self.seq_len + 1) // tokens_per_epoch))

@@ -54,9 +54,18 @@ def apply_rope(x_BTHDh: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
 
 
 def causal_attention(q_BHTDh: torch.Tensor, k_BKTDh: torch.Tensor, v_BKTDh: torch.Tensor) -> torch.Tensor:
-    """Causal SDPA; query head h reads kv head h // (H / K) (GQA). Works for T == 1."""
+    """Causal SDPA; query head h reads kv head h // (H / K) (GQA). Works for T == 1.
+
+    Only the flash and math kernels take `enable_gqa`, and flash takes only fp16/bf16: an fp32 call with
+    enable_gqa would fall back to math and build a [B, H, T, T] fp32 matrix per layer (39 GB at 16 x 2048).
+    So fp32 inputs get k/v expanded to the query heads (K/H of the q bytes, no T x T) and the
+    memory-efficient kernel; bf16/fp16 keep flash's native GQA.
+    """
+    H, K = q_BHTDh.shape[1], k_BKTDh.shape[1]
+    if H != K and q_BHTDh.dtype not in (torch.float16, torch.bfloat16):
+        k_BKTDh, v_BKTDh = (t.repeat_interleave(H // K, dim=1) for t in (k_BKTDh, v_BKTDh))
     return F.scaled_dot_product_attention(q_BHTDh, k_BKTDh, v_BKTDh, is_causal=True,
-                                          enable_gqa=q_BHTDh.shape[1] != k_BKTDh.shape[1])
+                                          enable_gqa=H != k_BKTDh.shape[1])
 
 
 class Attention(nn.Module):

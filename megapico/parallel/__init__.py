@@ -8,10 +8,17 @@ from megapico.parallel.mappings import (
     reduce_from_tensor_parallel,
     scatter_to_tensor_parallel,
 )
-from megapico.parallel.state import ParallelState, default_backend, free_port, init_distributed
+from megapico.parallel.state import (
+    LaunchError,
+    ParallelState,
+    agree_across_ranks,
+    default_backend,
+    free_port,
+    init_distributed,
+)
 
 __all__ = [
-    "ColumnParallelLinear", "ParallelState", "RowParallelLinear", "VocabParallelEmbedding",
-    "copy_to_tensor_parallel", "default_backend", "free_port", "gather_from_tensor_parallel", "init_distributed",
-    "reduce_from_tensor_parallel", "scatter_to_tensor_parallel", "vocab_parallel_cross_entropy",
+    "ColumnParallelLinear", "LaunchError", "ParallelState", "RowParallelLinear", "VocabParallelEmbedding",
+    "agree_across_ranks", "copy_to_tensor_parallel", "default_backend", "free_port", "gather_from_tensor_parallel",
+    "init_distributed", "reduce_from_tensor_parallel", "scatter_to_tensor_parallel", "vocab_parallel_cross_entropy",
 ]

@@ -8,6 +8,7 @@ partitions over the data-parallel group only and counts TP-sharded gradients onc
 
 import datetime
 import os
+import re
 import socket
 from dataclasses import dataclass
 
@@ -26,18 +27,70 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class LaunchError(RuntimeError):
+    """The process cannot tell its rank, or the ranks disagree on something they must share; one line."""
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[007-010,12],cpu1" -> "gpu007" (the padding is kept)."""
+    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise LaunchError(f"SLURM node list {nodelist!r} has no host name; set MASTER_ADDR")
+    prefix, ranges = match.groups()
+    return prefix + (ranges.split(",")[0].split("-")[0] if ranges else "")
+
+
+def launcher_environment(env: dict[str, str]) -> dict[str, str]:
+    """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for torch.distributed, from the launcher that
+    started this process: torchrun and deepspeed set them; `srun` (SLURM) and `mpirun` (Open MPI) set their
+    own variables, read here; no launcher at all is a world of one. Other MPI launchers are an error rather
+    than a silent world of one per process."""
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return {}
+    if "SLURM_PROCID" in env and ("SLURM_STEP_NUM_TASKS" in env or "SLURM_STEP_ID" in env):  # inside an srun step
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "")
+        return dict(RANK=env["SLURM_PROCID"], WORLD_SIZE=env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"],
+                    LOCAL_RANK=env.get("SLURM_LOCALID", "0"),
+                    MASTER_ADDR=env.get("MASTER_ADDR") or first_host(nodelist),
+                    MASTER_PORT=env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    if "OMPI_COMM_WORLD_RANK" in env:
+        if "MASTER_ADDR" not in env:
+            raise LaunchError("Open MPI sets no rendezvous address: export MASTER_ADDR=<first host> (and MASTER_PORT) "
+                              "to every rank, e.g. mpirun -x MASTER_ADDR=node-a -x MASTER_PORT=29500")
+        return dict(RANK=env["OMPI_COMM_WORLD_RANK"], WORLD_SIZE=env["OMPI_COMM_WORLD_SIZE"],
+                    LOCAL_RANK=env.get("OMPI_COMM_WORLD_LOCAL_RANK", "0"), MASTER_ADDR=env["MASTER_ADDR"],
+                    MASTER_PORT=env.get("MASTER_PORT", "29500"))
+    foreign = [name for name in ("PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK") if name in env]
+    if foreign or ("WORLD_SIZE" in env) != ("RANK" in env):
+        found = foreign[0] if foreign else ("RANK" if "RANK" in env else "WORLD_SIZE")
+        raise LaunchError(f"{found} is set but RANK/WORLD_SIZE are not both set: megapico reads torchrun/deepspeed, "
+                          f"SLURM (srun) and Open MPI variables; launch with one of those, or export RANK, "
+                          f"WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT")
+    return dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+
+
 def init_distributed(timeout_minutes: int = 30) -> None:
-    """Join the default process group from torchrun/deepspeed env vars; a plain `python` run becomes
-    a world of one (DeepSpeed would otherwise go looking for MPI)."""
+    """Join the default process group with the launcher's rank and world (see launcher_environment); a plain
+    `python` run becomes a world of one (DeepSpeed would otherwise go looking for MPI)."""
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(free_port()))
+    os.environ.update(launcher_environment(dict(os.environ)))
     os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group(default_backend(), timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def agree_across_ranks(what: str, value: str) -> None:
+    """Every rank states `value` (one small all-gather); if any differ, every rank raises the same LaunchError,
+    so none is left waiting in a collective the others never reach."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    values: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    if len(set(values)) > 1:
+        other = next(rank for rank, seen in enumerate(values) if seen != values[0])
+        raise LaunchError(f"ranks disagree on {what}: rank 0 has {values[0]}, rank {other} has {values[other]}")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The DeepSpeed config dict: the ds_configs JSON plus what megapico's config decides, never both.
 
-Batch sizes, precision, clipping and the optimizer come from megapico's config; a JSON that states a
+Batch sizes, precision (with fp32 gradient accumulation and reduction under bf16), clipping and the optimizer
+come from megapico's config, and ZeRO buckets left "auto" are sized to the model; a JSON that states a
 different value is an error naming both files, not a silent override (DeepSpeed's own defaults, e.g. for
 gradient_clipping, have changed between releases, so megapico always writes them).
 """
@@ -11,13 +12,35 @@ from pathlib import Path
 import torch
 
 from megapico.config import ConfigError, MegapicoConfig
+from megapico.training.metrics import parameters_per_tp_rank
 
 OWNED_BY_MEGAPICO = ("optimizer", "scheduler", "fp16")
+FP32_GRADIENTS = {"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"}
+MIN_BUCKET = 40_000_000  # elements; Megatron-LM's DDP bucket (max(40M, 1M x DP))
+
+
+def resolve_precision(config: MegapicoConfig, cuda: bool | None = None) -> str:
+    """training.precision with auto resolved: bf16-mixed on CUDA (pico-train's numerics), fp32 on CPU. `cuda`
+    overrides the detection (the memory estimate plans for GPUs from any machine)."""
+    precision = config.training.precision
+    if precision == "auto":
+        return "bf16-mixed" if (torch.cuda.is_available() if cuda is None else cuda) else "fp32"
+    return precision
 
 
 def use_bf16(config: MegapicoConfig) -> bool:
-    precision = config.training.precision
-    return precision == "bf16" or (precision == "auto" and torch.cuda.is_available())
+    """Whether DeepSpeed's bf16 engine (bf16 module, fp32 masters) runs; bf16-mixed keeps an fp32 engine."""
+    return resolve_precision(config) == "bf16"
+
+
+def bucket_plan(local_parameters: int, dp_size: int) -> tuple[int, bool]:
+    """(ZeRO reduce/all-gather bucket in elements, overlap_comm). Buckets of max(40M, 1M x DP) elements, never
+    more than the model; overlap only when there are at least two buckets: with one, the reduction cannot start
+    before the backward ends, and overlap_comm would only add a stream synchronisation per backward."""
+    bucket = max(MIN_BUCKET, 1_000_000 * dp_size)
+    overlap = local_parameters >= 2 * bucket
+    bucket = min(bucket, max(local_parameters, 1))
+    return -(-bucket // 512) * 512, overlap  # a multiple of DeepSpeed's NCCL start alignment
 
 
 def build_deepspeed_config(config: MegapicoConfig, dp_size: int) -> dict:
@@ -47,9 +70,22 @@ def build_deepspeed_config(config: MegapicoConfig, dp_size: int) -> dict:
     bf16 = use_bf16(config)
     if "bf16" in ds and ds["bf16"].get("enabled", "auto") not in ("auto", bf16):
         raise ConfigError(f"{path}: bf16.enabled={ds['bf16']['enabled']} disagrees with training.precision="
-                          f"{train.precision} (resolved: {'bf16' if bf16 else 'fp32'})")
+                          f"{train.precision} (resolved: {resolve_precision(config)})")
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
+    if bf16:  # DeepSpeed would accumulate the micro-steps and reduce over DP in bf16; pico and Megatron use fp32
+        for key, value in FP32_GRADIENTS.items():
+            if ds.get(key, value) != value:
+                raise ConfigError(f"{path}: {key}={ds[key]} would accumulate or reduce gradients in bf16; megapico's "
+                                  f"bf16 keeps fp32 gradients ({key}={value}); remove the key")
+            ds[key] = value
     zero = ds.setdefault("zero_optimization", {"stage": 2})
+    bucket, overlap = bucket_plan(int(parameters_per_tp_rank(config.model, config.parallel.tensor_parallel_size)),
+                                  dp_size)
+    for key in ("reduce_bucket_size", "allgather_bucket_size"):
+        if zero.get(key, "auto") == "auto":
+            zero[key] = bucket
+    if zero.get("overlap_comm", "auto") == "auto":
+        zero["overlap_comm"] = overlap
     if zero.get("stage") != 2:  # checkpoint resharding reads and writes DeepSpeedZeroOptimizer's partitions
         raise ConfigError(f"{path}: zero_optimization.stage={zero.get('stage')}; megapico runs ZeRO stage 2")
     if zero.get("elastic_checkpoint"):

@@ -22,12 +22,14 @@ def evaluate_perplexity(model: torch.nn.Module, dataset, micro_batch_size: int, 
     for index, (input_ids, labels) in enumerate(loader):
         if max_batches and index >= max_batches:
             break
-        mean_nll = model(input_ids.to(device), labels.to(device))
-        totals += torch.tensor([mean_nll.double().item() * labels.numel(), labels.numel()], dtype=torch.float64,
-                               device=device)
+        labels = labels.to(device, non_blocking=True)
+        tokens = (labels != -100).sum().double()
+        mean_nll = model(input_ids.to(device, non_blocking=True), labels)
+        totals += torch.stack((mean_nll.double() * tokens, tokens))  # on the device: no sync per batch
     if parallel.dp_group is not None:
         dist.all_reduce(totals, group=parallel.dp_group)
     model.train(was_training)
-    if totals[1] == 0:
+    nll, tokens = totals.tolist()  # the one host sync of the evaluation
+    if tokens == 0:
         raise ValueError("the eval set has fewer samples than one micro batch per data-parallel rank")
-    return math.exp(totals[0].item() / totals[1].item())
+    return math.exp(nll / tokens)

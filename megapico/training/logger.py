@@ -1,12 +1,16 @@
 """Rank 0's one-line log records, eval_results/step_N.json, and wandb (offline files in the run dir by default).
 
+Step losses stay on the device until a log line, an eval or a checkpoint reads them back, all at once.
+
 wandb metric names follow pico-train: train/loss, trainer/learning_rate, eval/<eval name>.
 """
 
 import dataclasses
 import json
+import time
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from megapico.config import MegapicoConfig
@@ -22,7 +26,8 @@ class RunLogger:
         self.tokens_per_step = config.training.micro_batch_size * config.training.gradient_accumulation_steps * \
             parallel.dp_size * config.data.seq_len
         self.peak = peak_tflops_per_device()
-        self.window_seconds, self.window_steps = 0.0, 0
+        self.pending: list[tuple[int, torch.Tensor, float, int]] = []
+        self.start_clock()
         self.wandb = None
         if self.is_writer and config.logging.wandb_mode != "disabled":
             import wandb
@@ -31,21 +36,42 @@ class RunLogger:
                                     name=config.checkpointing.run_name, dir=str(run_dir),
                                     mode=config.logging.wandb_mode, config=dataclasses.asdict(config))
 
-    def log_step(self, step: int, loss: float, lr: float, grad_norm: float, seconds: float, consumed: int) -> None:
-        self.window_seconds += seconds
-        self.window_steps += 1
+    def start_clock(self) -> None:
+        """Start timing training steps (after set-up, eval or a checkpoint, which tokens/s must not count)."""
+        self.clock_start, self.clock_steps = time.perf_counter(), 0
+
+    def record_step(self, step: int, loss: torch.Tensor, lr: float, consumed: int) -> None:
+        """Keep the step's loss on the device; nothing is read back until flush()."""
+        self.pending.append((step, loss, lr, consumed))
+        self.clock_steps += 1
+
+    def flush(self, step: int | None, grad_norm: float | torch.Tensor | None, printing: bool) -> dict[int, float]:
+        """Read the pending losses back in one host sync, send them to wandb and, if `printing`, print step's
+        log line. Returns {step: loss} of the pending steps."""
+        if not self.pending:
+            return {}
+        losses = torch.stack([loss for _, loss, _, _ in self.pending]).tolist()
+        seconds = time.perf_counter() - self.clock_start  # after the sync: the device work is done
+        records = [(record_step, value, lr, consumed)
+                   for (record_step, _, lr, consumed), value in zip(self.pending, losses, strict=True)]
+        self.pending = []
+        norm = float(grad_norm) if grad_norm is not None else float("nan")
         if self.wandb is not None:
-            self.wandb.log({"train/loss": loss, "trainer/learning_rate": lr, "trainer/grad_norm": grad_norm,
-                            "trainer/consumed_samples": consumed}, step=step)
-        if not self.is_writer or (step % self.config.logging.log_interval and step != self.config.training.max_steps):
-            return
-        step_seconds = self.window_seconds / self.window_steps
-        tflops = self.flops_per_step / step_seconds / self.world / 1e12
-        mfu = f"{100 * tflops / self.peak:.1f}%" if self.peak else "n/a"
-        print(f"step {step}/{self.config.training.max_steps} | loss {loss:.4f} | lr {lr:.3e} | grad norm "
-              f"{grad_norm:.3f} | {self.tokens_per_step / step_seconds:,.0f} tok/s | {tflops:.2f} TFLOP/s/device | "
-              f"MFU {mfu} | peak mem {peak_memory_gib():.2f} GiB", flush=True)
-        self.window_seconds, self.window_steps = 0.0, 0
+            for record_step, value, lr, consumed in records:
+                metrics = {"train/loss": value, "trainer/learning_rate": lr, "trainer/consumed_samples": consumed}
+                if record_step == step:
+                    metrics["trainer/grad_norm"] = norm
+                self.wandb.log(metrics, step=record_step)
+        if printing and self.is_writer and self.clock_steps:
+            _, loss, lr, _ = records[-1]
+            step_seconds = seconds / self.clock_steps
+            tflops = self.flops_per_step / step_seconds / self.world / 1e12
+            mfu = f"{100 * tflops / self.peak:.1f}%" if self.peak else "n/a"
+            print(f"step {step}/{self.config.training.max_steps} | loss {loss:.4f} | lr {lr:.3e} | grad norm "
+                  f"{norm:.3f} | {self.tokens_per_step / step_seconds:,.0f} tok/s | {tflops:.2f} TFLOP/s/device | "
+                  f"MFU {mfu} | peak mem {peak_memory_gib():.2f} GiB", flush=True)
+            self.start_clock()
+        return {record_step: value for record_step, value, _, _ in records}
 
     def log_eval(self, step: int, perplexity: float) -> None:
         if not self.is_writer:

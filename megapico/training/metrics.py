@@ -22,6 +22,14 @@ def matmul_parameters(model: ModelConfig) -> int:
     return model.n_layers * per_layer + model.vocab_size * d
 
 
+def parameters_per_tp_rank(model: ModelConfig, tp: int) -> float:
+    """All parameters one TP rank holds (norms replicated, everything else split by TP)."""
+    hd = model.d_model // model.attention_n_heads
+    per_layer = (2 * model.d_model * model.d_model + 2 * model.d_model * hd * model.attention_n_kv_heads
+                 + 3 * model.d_model * model.activation_hidden_dim) / tp + 2 * model.d_model
+    return model.n_layers * per_layer + 2 * model.vocab_size * model.d_model / tp + model.d_model
+
+
 def flops_per_token(model: ModelConfig, seq_len: int) -> float:
     return 6.0 * matmul_parameters(model) + 12.0 * model.n_layers * model.d_model * seq_len
 

@@ -4,7 +4,6 @@ Parallel layout: TP ranks split every layer (megapico.parallel); DeepSpeed ZeRO-
 fp32 master weights + Adam state over the data-parallel group only (it learns the groups from `mpu`).
 """
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,10 +12,15 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from megapico.checkpoint.reshard import load_full_state_into_engine, read_full_state
+from megapico.checkpoint.reshard import (
+    gather_master_weights,
+    load_full_state_into_engine,
+    read_full_state,
+    write_local_state_into_engine,
+)
 from megapico.checkpoint.training_state import (
+    agreed_resume_point,
     checkpoint_root,
-    find_resume_point,
     restore_rng,
     save_training_checkpoint,
 )
@@ -28,7 +32,7 @@ from megapico.data.tokenizer import load_tokenizer
 from megapico.model import PicoDecoder
 from megapico.parallel import ParallelState, init_distributed
 from megapico.training.activation_checkpointing import apply_activation_checkpointing
-from megapico.training.deepspeed_config import build_deepspeed_config
+from megapico.training.deepspeed_config import build_deepspeed_config, resolve_precision, use_bf16
 from megapico.training.evaluation import evaluate_perplexity
 from megapico.training.learning_dynamics import fixed_batch, save_learning_dynamics
 from megapico.training.logger import RunLogger
@@ -66,19 +70,25 @@ def check_data_fits_model(config: MegapicoConfig) -> None:
 
 def build_engine(config: MegapicoConfig, parallel: ParallelState):  # noqa: ANN202
     torch.manual_seed(config.training.seed)  # identical on every rank: TP shards come from one full init
-    model = PicoDecoder(config.model, parallel.tp_group)
+    # At TP=1 the model gets no group: its mappings are then plain identities (no size-1 collectives, clones or
+    # autograd nodes); DeepSpeed still gets the size-1 group through `mpu`.
+    model = PicoDecoder(config.model, parallel.tp_group if parallel.tp_size > 1 else None)
     apply_activation_checkpointing(model, config.training.activation_checkpointing)
+    bf16 = use_bf16(config)
+    fp32_init = {name: param.detach().clone() for name, param in model.named_parameters()} if bf16 else None
     train = config.training
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=(train.adam_beta1, train.adam_beta2),
                                   eps=train.adam_eps, weight_decay=train.weight_decay)
     scheduler = build_lr_scheduler(optimizer, train)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=build_deepspeed_config(config, parallel.dp_size), mpu=parallel)
+    if fp32_init is not None:  # DeepSpeed cloned the masters from the bf16-cast module: give them pico's fp32 init
+        write_local_state_into_engine(engine, {"weight": fp32_init}, step=None)
     return engine, scheduler
 
 
 def _resume(engine, scheduler, config: MegapicoConfig, parallel: ParallelState):  # noqa: ANN001, ANN202
-    point = find_resume_point(config)
+    point = agreed_resume_point(config)
     if point is None:
         return None
     root = checkpoint_root(config)
@@ -93,6 +103,14 @@ def _resume(engine, scheduler, config: MegapicoConfig, parallel: ParallelState):
             group["lr"] = lr_at(point.step, config.training)
     restore_rng(config, point)
     return point
+
+
+def fp32_weights(engine) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """This TP rank's fp32 weights being trained: the ZeRO masters in a bf16 engine (collective over DP), the
+    module itself otherwise."""
+    if engine.bfloat16_enabled():
+        return gather_master_weights(engine)
+    return engine.module.state_dict()
 
 
 def build_eval_dataset(config: MegapicoConfig, parallel: ParallelState):  # noqa: ANN202
@@ -139,76 +157,79 @@ def pretrain(config: MegapicoConfig) -> TrainResult:
             logger.warn(f"learning dynamics: the {split} set holds {len(samples)} sequences, fewer than "
                         f"checkpointing.learning_dynamics.batch_size={dynamics.batch_size}; using all of them "
                         f"(pico-analyze's pwcca needs more than d_model={config.model.d_model})")
+    precision = resolve_precision(config)
+    if dist.get_rank() == 0:
+        print(f"precision {precision}; DeepSpeed bf16 engine: {engine.bfloat16_enabled()}", flush=True)
+
+    def autocast():  # noqa: ANN202
+        """bf16-mixed: matmuls in bf16 under torch.autocast, weights, gradients and optimizer in fp32."""
+        return torch.autocast(engine.device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
     def save_checkpoint(step: int) -> None:
         """Learning dynamics first, then the engine: `latest` moves only once both are on disk."""
         if dynamics_batches:
-            save_learning_dynamics(engine.module, dynamics_batches,
+            save_learning_dynamics(engine.module, fp32_weights(engine), dynamics_batches,
                                    checkpoint_root(config) / f"step_{step}" / "learning_dynamics",
-                                   train.micro_batch_size, parallel.dp_rank, engine.device)
+                                   dynamics.micro_batch_size, parallel.dp_rank, engine.device)
         save_training_checkpoint(engine, config, parallel, step, consumed)
 
     def run_eval(step: int) -> None:
-        perplexity = evaluate_perplexity(engine.module, eval_dataset, train.micro_batch_size, parallel,
-                                         config.evaluation.max_batches, engine.device)
+        with autocast():
+            perplexity = evaluate_perplexity(engine.module, eval_dataset, train.micro_batch_size, parallel,
+                                             config.evaluation.max_batches, engine.device)
         result.perplexities[step] = perplexity
         logger.log_eval(step, perplexity)
 
     engine.train()
     if resumed is None and dynamics_batches:
         save_checkpoint(0)  # pico keeps the initial model and its learning dynamics as step_0
+    logger.start_clock()
     for step in range(start_step + 1, train.max_steps + 1):
-        started = time.perf_counter()
-        micro_losses = []
+        step_loss = torch.zeros((), device=engine.device)  # stays on the device: no host sync in the step
         for _ in range(train.gradient_accumulation_steps):
             input_ids, labels = (t.to(engine.device, non_blocking=True) for t in next(batches))
-            loss = engine(input_ids, labels)
-            if not _all_finite(loss):
-                if train.nan_policy == "stop":
-                    raise NonFiniteLossError(f"step {step}: loss is {loss.item()} (NaN/inf); lower training.lr, "
-                                             f"set training.gradient_clipping, or training.nan_policy=skip")
-                logger.warn(f"step {step}: non-finite loss, this micro batch contributes no gradient")
-                loss = sum(p.view(-1)[0] for p in engine.module.parameters()) * 0.0
+            with autocast():
+                loss = engine(input_ids, labels)
             engine.backward(loss)
             engine.step()
-            micro_losses.append(loss.detach().float())
+            step_loss += loss.detach().float()
         consumed += global_batch
-        step_loss = _mean_over_dp(torch.stack(micro_losses).mean(), parallel)
-        result.losses[step] = step_loss
-        logger.log_step(step, step_loss, scheduler.get_last_lr()[0], _grad_norm(engine), time.perf_counter() - started,
-                        consumed)
+        step_loss = _mean_over_dp(step_loss / train.gradient_accumulation_steps, parallel)
+        if not engine.was_step_applied():  # DeepSpeed found non-finite gradients and skipped the update
+            if train.nan_policy == "stop":
+                raise NonFiniteLossError(f"step {step}: loss is {step_loss.item()} and the gradients are not finite; "
+                                         f"lower training.lr, set training.gradient_clipping, or "
+                                         f"training.nan_policy=skip")
+            logger.warn(f"step {step}: non-finite gradients (loss {step_loss.item()}); the update was skipped")
+        logger.record_step(step, step_loss, scheduler.get_last_lr()[0], consumed)
         is_last = step == train.max_steps
-        if (config.evaluation.interval and step % config.evaluation.interval == 0) or is_last:
-            run_eval(step)
+        evaluating = (config.evaluation.interval and step % config.evaluation.interval == 0) or is_last
         exiting = bool(train.exit_interval) and step % train.exit_interval == 0
-        if step % config.checkpointing.save_interval == 0 or is_last or exiting:
+        saving = step % config.checkpointing.save_interval == 0 or is_last or exiting
+        printing = step % config.logging.log_interval == 0 or is_last or step == start_step + 1
+        if printing or evaluating or saving:
+            result.losses.update(logger.flush(step, engine.get_global_grad_norm(), printing))
+        if evaluating:
+            run_eval(step)
+        if saving:
             save_checkpoint(step)
+        if evaluating or saving:
+            logger.start_clock()  # tokens/s counts training steps only
         if exiting and not is_last:
             logger.warn(f"step {step}: training.exit_interval={train.exit_interval} reached; checkpoint saved, "
                         f"exiting (rerun the same command to resume)")
             break
+    result.losses.update(logger.flush(None, None, printing=False))
     logger.finish()
     return result
 
 
-def _all_finite(loss: torch.Tensor) -> bool:
-    """Every rank must take the same branch, so the verdict is agreed over the whole world."""
-    bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return bad.item() == 0.0
-
-
-def _mean_over_dp(value: torch.Tensor, parallel: ParallelState) -> float:
+def _mean_over_dp(value: torch.Tensor, parallel: ParallelState) -> torch.Tensor:
     if parallel.dp_size > 1:
         value = value.clone()
         dist.all_reduce(value, group=parallel.dp_group)
         value /= parallel.dp_size
-    return value.item()
-
-
-def _grad_norm(engine) -> float:  # noqa: ANN001
-    norm = engine.get_global_grad_norm()
-    return float(norm) if norm is not None else float("nan")
+    return value
 
 
 __all__ = ["NonFiniteLossError", "TrainResult", "check_data_fits_model", "pretrain"]
