@@ -33,13 +33,25 @@ def run_distributed(fn, world_size, *args, tmp_path):
     return torch.load(result_path, weights_only=False)
 
 
+def _unfused_head(x, weight, labels, group, chunk_tokens):
+    """pico's loss head as written (TP=1): fp32 logits of every token, then the mean cross-entropy."""
+    import torch.nn.functional as F
+
+    assert group is None
+    loss = F.cross_entropy(F.linear(x, weight).float(), labels, ignore_index=-100, reduction="sum")
+    return loss / (labels != -100).sum().clamp(min=1)
+
+
 def _inject(fault):
-    """Faults for tests: a NaN loss at the 2nd training forward, or a crash inside the 2nd checkpoint save."""
+    """Test variants: a NaN loss at the 2nd training forward, a crash inside the 2nd checkpoint save, or pico's
+    unfused loss head in place of the fused one."""
     import deepspeed
 
-    from megapico.model import PicoDecoder
+    from megapico.model import PicoDecoder, pico_decoder
 
-    if fault == "nan_at_step_2":
+    if fault == "unfused_head":
+        pico_decoder.vocab_parallel_linear_cross_entropy = _unfused_head
+    elif fault == "nan_at_step_2":
         forward, calls = PicoDecoder.forward, []
 
         def nan_forward(self, input_ids, labels=None):

@@ -164,8 +164,9 @@ def _bf16_gradient_partition(rank, world_size, settings):
 
 
 def test_bf16_gradients_are_accumulated_and_reduced_in_fp32(sample_prefix, tmp_path):
-    settings = overrides(sample_prefix, tmp_path, **{"training.precision": "bf16", "training.micro_batch_size": 2,
-                                                     "training.gradient_accumulation_steps": 2, "model.vocab_size": 512})
+    settings = overrides(sample_prefix, tmp_path, **{
+        "training.precision": "bf16", "training.micro_batch_size": 2, "training.gradient_accumulation_steps": 2,
+        "model.vocab_size": 512})
     result = run_distributed(_bf16_gradient_partition, 2, settings, tmp_path=tmp_path)
     assert all(p.dtype == torch.float32 for p in result["partitions"])
     reduced = torch.cat(result["partitions"])[:result["fp32_sum"].numel()]

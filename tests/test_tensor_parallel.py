@@ -13,19 +13,21 @@ from megapico.model import PicoDecoder, gather_full_state_dict, gather_full_tens
 from megapico.parallel import (
     ParallelState,
     copy_to_tensor_parallel,
+    gather_from_sequence_parallel,
     gather_from_tensor_parallel,
     reduce_from_tensor_parallel,
+    reduce_scatter_to_sequence_parallel,
     scatter_to_tensor_parallel,
-    vocab_parallel_cross_entropy,
+    vocab_parallel_linear_cross_entropy,
 )
 
 CONFIG = dataclasses.replace(MODEL_PRESETS["tiny"], n_layers=2, max_seq_len=64)
 
 
-def _compare_with_tp1(rank, world_size, tp_size):
+def _compare_with_tp1(rank, world_size, tp_size, sequence_parallel=False):
     state = ParallelState.build(tp_size)
     torch.manual_seed(42)
-    sharded = PicoDecoder(CONFIG, state.tp_group)
+    sharded = PicoDecoder(CONFIG, state.tp_group, sequence_parallel=sequence_parallel, loss_chunk_tokens=20)
     torch.manual_seed(42)
     full = PicoDecoder(CONFIG)  # every rank also builds the one-process model as its reference
 
@@ -54,9 +56,11 @@ def _compare_with_tp1(rank, world_size, tp_size):
                 grad_diff=grad_diff, shard_equal=shard_equal)
 
 
-@pytest.mark.parametrize("tp_size", [2, 4])
-def test_tp_matches_tp1(tp_size, tmp_path):
-    result = run_distributed(_compare_with_tp1, tp_size, tp_size, tmp_path=tmp_path)
+@pytest.mark.parametrize("tp_size,sequence_parallel", [(2, False), (4, False), (2, True), (4, True)])
+def test_tp_matches_tp1(tp_size, sequence_parallel, tmp_path):
+    """Sharded init, logits, loss and every gathered gradient (norm weights included) equal TP=1's, with and
+    without sequence parallelism."""
+    result = run_distributed(_compare_with_tp1, tp_size, tp_size, sequence_parallel, tmp_path=tmp_path)
     assert result["init_equal"], "TP-sharded init differs from the TP=1 init for the same seed"
     assert result["shard_equal"]
     assert result["logits_diff"] < 1e-5
@@ -89,7 +93,7 @@ def test_tp2_dp2_groups(tmp_path):
     assert rows[3]["mpu"] == (1, 2, 1, 2, [1, 3])
 
 
-def _mappings_and_cross_entropy(rank, world_size):
+def _mappings(rank, world_size):
     state = ParallelState.build(tp_size=world_size)
     group = state.tp_group
     torch.manual_seed(0)
@@ -106,38 +110,68 @@ def _mappings_and_cross_entropy(rank, world_size):
     reduced.sum().backward()
     total = sum(range(1, world_size + 1))
     reduce_ok = torch.equal(reduced, torch.full((2,), float(total))) and torch.equal(x.grad, torch.full((2,), 2.0))
-    # vocab-parallel cross-entropy against torch's, values and gradients, with ignore_index
-    logits = torch.randn(6, 5, 16) * 3
-    target = torch.randint(0, 16, (6, 5))
-    target[0, :3] = -100
-    logits_ref = logits.clone().requires_grad_()
-    loss_ref = F.cross_entropy(logits_ref.flatten(0, 1), target.flatten(), reduction="none").view(6, 5)
-    weights = torch.rand(6, 5)
-    (loss_ref * weights).sum().backward()
-    logits_local = logits.chunk(world_size, dim=-1)[state.tp_rank].clone().requires_grad_()
-    loss = vocab_parallel_cross_entropy(logits_local, target, group)
-    (loss * weights).sum().backward()
-    grad_ref_local = logits_ref.grad.chunk(world_size, dim=-1)[state.tp_rank]
-    return dict(scatter_gather_ok=scatter_gather_ok, reduce_ok=reduce_ok,
-                loss_diff=(loss - loss_ref).abs().max().item(),
-                grad_diff=(logits_local.grad - grad_ref_local).abs().max().item())
+    # sequence parallel: gather's forward is the concatenation of the token blocks, its backward the
+    # reduce-scatter of the gradient; reduce-scatter's forward sums and keeps this rank's block
+    block = torch.full((2, 3), float(rank), requires_grad=True)
+    gathered = gather_from_sequence_parallel(block, group)
+    expected = torch.cat([torch.full((2, 3), float(r)) for r in range(world_size)])
+    (gathered * (rank + 1)).sum().backward()
+    sp_gather_ok = torch.equal(gathered, expected) and torch.equal(block.grad, torch.full((2, 3), float(total)))
+    partial = torch.arange(2.0 * world_size).view(world_size * 2, 1) * (rank + 1)
+    scattered = reduce_scatter_to_sequence_parallel(partial, group)
+    sp_scatter_ok = torch.equal(scattered, (torch.arange(2.0 * world_size).view(-1, 1) * total)[2 * rank:2 * rank + 2])
+    return dict(scatter_gather_ok=scatter_gather_ok, reduce_ok=reduce_ok, sp_gather_ok=sp_gather_ok,
+                sp_scatter_ok=sp_scatter_ok)
 
 
-def test_mappings_and_vocab_parallel_cross_entropy(tmp_path):
-    result = run_distributed(_mappings_and_cross_entropy, 2, tmp_path=tmp_path)
-    assert result["scatter_gather_ok"] and result["reduce_ok"]
-    assert result["loss_diff"] < 1e-5 and result["grad_diff"] < 1e-6
+def test_mappings(tmp_path):
+    result = run_distributed(_mappings, 2, tmp_path=tmp_path)
+    assert all(result.values()), result
 
 
-def test_single_process_cross_entropy_matches_torch():
-    logits = (torch.randn(4, 9, 50) * 4).requires_grad_()
-    target = torch.randint(0, 50, (4, 9))
-    target[2] = -100
-    loss = vocab_parallel_cross_entropy(logits, target)
-    loss.sum().backward()
-    reference_logits = logits.detach().clone().requires_grad_()
-    reference = F.cross_entropy(reference_logits.flatten(0, 1), target.flatten(), reduction="none").view(4, 9)
-    reference.sum().backward()
-    torch.testing.assert_close(loss, reference, atol=1e-5, rtol=0)
-    torch.testing.assert_close(logits.grad, reference_logits.grad, atol=1e-6, rtol=0)
-    assert torch.all(loss[2] == 0)
+def _unfused_head(x, weight, labels):
+    """pico's head as written: fp32 logits [N, V], then the mean cross-entropy over non-ignored tokens."""
+    logits = F.linear(x, weight).float()
+    token_loss = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+    return token_loss / (labels != -100).sum().clamp(min=1)
+
+
+def _fused_head_against_unfused(rank, world_size, tokens, chunk, ignored, compiled=False):
+    state = ParallelState.build(tp_size=world_size) if world_size > 1 else None
+    group = state.tp_group if state else None
+    torch.manual_seed(1)
+    x = torch.randn(tokens, 24) * 2
+    weight = torch.randn(64, 24) * 0.5
+    labels = torch.randint(0, 64, (tokens,))
+    labels[ignored] = -100
+    x_ref, w_ref = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    loss_ref = _unfused_head(x_ref, w_ref, labels)
+    (loss_ref * 0.5).backward()  # an upstream scale, as DeepSpeed's 1 / gradient accumulation
+    x_ours = x.clone().requires_grad_()
+    w_local = weight.chunk(world_size)[rank].clone().requires_grad_()
+    loss = vocab_parallel_linear_cross_entropy(copy_to_tensor_parallel(x_ours, group), w_local, labels, group,
+                                               chunk_tokens=chunk, compiled=compiled)
+    (loss * 0.5).backward()
+    return dict(loss=(loss - loss_ref).abs().item(), loss_value=loss.item(),
+                grad_x=(x_ours.grad - x_ref.grad).abs().max().item(),
+                grad_w=(w_local.grad - w_ref.grad.chunk(world_size)[rank]).abs().max().item())
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("tokens,chunk,ignored", [(50, 16, slice(3, 11)), (50, 64, slice(0, 0)),
+                                                  (7, 3, slice(0, 7))])
+def test_fused_chunked_head_equals_the_unfused_one(world_size, tokens, chunk, ignored, tmp_path):
+    """Loss, hidden-state and weight-shard gradients within 1e-6 (fp32): ignored tokens, a chunk size that does
+    not divide the tokens, one chunk for all, every token ignored (loss 0, gradients 0), TP=1/2/4."""
+    if world_size == 1:
+        result = _fused_head_against_unfused(0, 1, tokens, chunk, ignored)
+    else:
+        result = run_distributed(_fused_head_against_unfused, world_size, tokens, chunk, ignored, tmp_path=tmp_path)
+    assert result["loss"] <= 1e-6 and result["grad_x"] <= 1e-6 and result["grad_w"] <= 1e-6, result
+    if ignored == slice(0, 7):
+        assert result["loss_value"] == 0.0
+
+
+def test_compiled_head_kernels_equal_the_unfused_head():
+    result = _fused_head_against_unfused(0, 1, 50, 16, slice(3, 11), compiled=True)
+    assert result["loss"] <= 1e-5 and result["grad_x"] <= 1e-6 and result["grad_w"] <= 1e-6, result

@@ -44,10 +44,27 @@ def test_dp2_zero2_matches_dp1_and_halves_the_optimizer_state(sample_prefix, tmp
     assert facts["local"] == facts["adam"] == math.ceil(facts["model"] / 2)  # fp32 master + Adam: half each
 
 
+def test_fused_head_under_zero2_dp2_ga2_equals_the_unfused_head(sample_prefix, tmp_path):
+    """DP=2 x gradient accumulation 2: the head weight's gradient reaches DeepSpeed once per micro-step, scaled by
+    1/GA in backward, and the losses equal pico's unfused head in the same layout."""
+    settings = overrides(sample_prefix, tmp_path, **{"training.micro_batch_size": 1,
+                                                     "training.gradient_accumulation_steps": 2})
+    fused = train(2, settings, tmp_path)
+    unfused = train(2, overrides(sample_prefix, tmp_path / "unfused", **{
+        "training.micro_batch_size": 1, "training.gradient_accumulation_steps": 2}), tmp_path, fault="unfused_head")
+    assert_losses_close(fused["losses"], unfused["losses"], 1e-5)
+
+
+def test_compiled_blocks_match_eager(sample_prefix, tmp_path, reference):
+    compiled = train(1, overrides(sample_prefix, tmp_path, **{"training.compile": True}), tmp_path)
+    assert_losses_close(compiled["losses"], reference["losses"], 1e-5)
+
+
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_tp2_matches_tp1(sample_prefix, tmp_path, reference, world_size):
     dp = world_size // 2
     result = train(world_size, overrides(sample_prefix, tmp_path, **{"parallel.tensor_parallel_size": 2,
+                                                                      "parallel.sequence_parallel": world_size == 4,
                                                                       "training.micro_batch_size": 4 // dp}), tmp_path)
     assert_losses_close(result["losses"], reference["losses"], 1e-4)
     assert result["perplexities"][STEPS] == pytest.approx(reference["perplexities"][STEPS], rel=1e-5)

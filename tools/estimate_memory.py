@@ -11,7 +11,7 @@ from pathlib import Path
 
 from megapico.config import ConfigError, load_config
 from megapico.training.deepspeed_config import resolve_precision
-from megapico.training.memory_estimate import estimate_memory
+from megapico.training.memory_estimate import estimate_memory, largest_micro_batch
 
 EXAMPLES = {name: Path(__file__).resolve().parent.parent / "examples" / f"pico_{name}_16xA100.yaml"
             for name in ("tiny", "small", "medium", "large")}
@@ -20,12 +20,14 @@ EXAMPLES = {name: Path(__file__).resolve().parent.parent / "examples" / f"pico_{
 def row(name: str, config_path: str, overrides: list[str], gpus: int) -> str:
     config = load_config(config_path, overrides)
     train = config.training
-    estimate = estimate_memory(config.model, gpus, config.parallel.tensor_parallel_size, train.micro_batch_size,
-                               config.data.seq_len, resolve_precision(config, cuda=True))
-    tp = config.parallel.tensor_parallel_size
+    tp, precision, sp = config.parallel.tensor_parallel_size, resolve_precision(config, cuda=True), \
+        config.parallel.sequence_parallel
+    estimate = estimate_memory(config.model, gpus, tp, train.micro_batch_size, config.data.seq_len, precision, sp,
+                               train.loss_chunk_tokens)
     cells = [name, tp, gpus // tp, train.micro_batch_size, f"{estimate.weights:.2f}", f"{estimate.gradients:.2f}",
              f"{estimate.optimizer:.2f}", f"{estimate.activations:.1f}", f"{estimate.activations_checkpointed:.1f}",
-             f"{estimate.total:.1f}", f"{estimate.total_checkpointed:.1f}"]
+             f"{estimate.total:.1f}", f"{estimate.total_checkpointed:.1f}",
+             largest_micro_batch(config.model, gpus, tp, config.data.seq_len, precision, sp)]
     return "| " + " | ".join(str(cell) for cell in cells) + " |"
 
 
@@ -37,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     print("| model | TP | DP | micro batch | weights GiB | grads GiB | ZeRO-2 optimizer GiB | activations GiB | "
-          "activations, full AC GiB | total GiB | total, full AC GiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "activations, full AC GiB | total GiB | total, full AC GiB | largest micro batch without AC |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     try:
         if args.table:
             for name, path in EXAMPLES.items():

@@ -109,6 +109,13 @@ def validate_config(config: MegapicoConfig, world_size: int | None = None) -> No
     if train.lr_warmup_steps > train.max_steps:
         raise ConfigError(f"training.lr_warmup_steps={train.lr_warmup_steps} exceeds "
                           f"training.max_steps={train.max_steps}")
+    if train.loss_chunk_tokens < 1:
+        raise ConfigError(f"training.loss_chunk_tokens must be >= 1, got {train.loss_chunk_tokens}")
+    tp = config.parallel.tensor_parallel_size
+    if config.parallel.sequence_parallel and (train.micro_batch_size * config.data.seq_len) % tp:
+        raise ConfigError(f"parallel.sequence_parallel splits micro_batch_size x seq_len = "
+                          f"{train.micro_batch_size * config.data.seq_len} tokens over tensor_parallel_size={tp}; "
+                          f"pick sizes whose product it divides")
     if config.checkpointing.learning_dynamics.micro_batch_size < 1:
         raise ConfigError("checkpointing.learning_dynamics.micro_batch_size must be >= 1")
     if train.activation_checkpointing.every_n_layers < 1:

@@ -30,6 +30,10 @@ class ModelConfig:
 class ParallelConfig:
     tensor_parallel_size: int = 1
     """Ranks that split every layer (Megatron TP). Data parallelism is world_size / tensor_parallel_size."""
+    sequence_parallel: bool = False
+    """Megatron's sequence parallelism at TP > 1: norms and the residual stream split over the TP ranks by token
+    (all-gather before the column-parallel projections, reduce-scatter after the row-parallel ones); a no-op at
+    TP=1. Same losses and gradients; activation memory of those parts / TP."""
 
 
 @dataclass
@@ -87,6 +91,10 @@ class TrainingConfig:
     """DeepSpeed JSON; batch sizes in it must agree with the values above."""
     exit_interval: int = 0
     """Save a checkpoint and stop once step % exit_interval == 0 (time-limited jobs; Megatron's --exit-interval)."""
+    loss_chunk_tokens: int = 1024
+    """Tokens per chunk of the fused linear + cross-entropy head: one [chunk, vocab/TP] fp32 logits block at a time."""
+    compile: bool = False
+    """torch.compile each decoder block (torchtitan's per-block compile); the recipes turn it on for GPUs."""
     nan_policy: str = "stop"
     """stop (raise naming the step) | skip (drop the update and go on) on a NaN/inf loss."""
     activation_checkpointing: ActivationCheckpointingConfig = field(default_factory=ActivationCheckpointingConfig)

@@ -1,9 +1,17 @@
 """pico-decoder on tensor-parallel layers; TP=1 (tp_group=None) is the degenerate case.
 
-Shape legend: B batch, T sequence, D d_model, H local query heads, K local kv heads, Dh head dim, V vocab.
+Shape legend: B batch, T sequence, D d_model, H local query heads, K local kv heads, Dh head dim, V vocab,
+N = B * T tokens, S = N / tp a sequence-parallel shard of them.
 At TP=1 the module tree and state_dict keys are pico-train's PicoDecoder's, and modules are created in
 pico's order, so `torch.manual_seed(42); PicoDecoder(cfg)` gives pico's initial weights. Attention infers
 its local head counts from the projection sizes, so one forward serves full and sharded weights.
+
+With sequence parallelism (Megatron's SP, TP > 1) the residual stream between the blocks is a flat [S, D] block of
+the batch's tokens on each TP rank: the norms and residual adds run on 1/tp of the tokens, the attention and
+SwiGLU inputs are all-gathered to [B, T, D], and their row-parallel outputs reduce-scattered back to [S, D]
+instead of all-reduced. The norm weights see only their rank's tokens, so their gradients are summed over TP.
+The loss head never builds the logits (megapico.parallel.cross_entropy); without labels the full fp32 logits
+are returned as pico does.
 """
 
 import torch
@@ -18,22 +26,38 @@ from megapico.parallel import (
     RowParallelLinear,
     VocabParallelEmbedding,
     copy_to_tensor_parallel,
+    gather_from_sequence_parallel,
     gather_from_tensor_parallel,
-    vocab_parallel_cross_entropy,
+    sequence_parallel_linears,
+    vocab_parallel_linear_cross_entropy,
 )
 
 
-class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) in fp32, cast back to x's dtype, times a learned scale (replicated)."""
+def enter_tensor_parallel(x: torch.Tensor, tp_group: ProcessGroup | None, sequence_parallel: bool,
+                          seq_len: int) -> torch.Tensor:
+    """The [B, T, D] input of the column-parallel projections: all-gathered tokens under SP, else x itself with
+    a backward that sums the gradient over TP."""
+    if sequence_parallel:
+        return gather_from_sequence_parallel(x, tp_group).view(-1, seq_len, x.shape[-1])
+    return copy_to_tensor_parallel(x, tp_group)
 
-    def __init__(self, dim: int, eps: float) -> None:
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) in fp32, cast back to x's dtype, times a learned scale (replicated).
+
+    `sequence_parallel_group`: this norm sees only its rank's tokens, so its weight's gradient is summed over TP
+    (copy_to_tensor_parallel on the weight) before it reaches DeepSpeed."""
+
+    def __init__(self, dim: int, eps: float, sequence_parallel_group: ProcessGroup | None = None) -> None:
         super().__init__()
         self.eps = eps
+        self.sequence_parallel_group = sequence_parallel_group
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        weight = copy_to_tensor_parallel(self.weight, self.sequence_parallel_group)
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * weight
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,87 +93,121 @@ def causal_attention(q_BHTDh: torch.Tensor, k_BKTDh: torch.Tensor, v_BKTDh: torc
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, tp_group: ProcessGroup | None) -> None:
+    def __init__(self, config: ModelConfig, tp_group: ProcessGroup | None, sequence_parallel: bool) -> None:
         super().__init__()
         d, n_heads, n_kv = config.d_model, config.attention_n_heads, config.attention_n_kv_heads
         self.head_dim = d // n_heads
-        self.tp_group = tp_group
+        self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
         self.checkpoint_core = False  # selective activation checkpointing recomputes only the SDPA
         column = dict(tp_group=tp_group, copy_input=False)
         self.q_proj = ColumnParallelLinear(d, n_heads * self.head_dim, **column)
         self.k_proj = ColumnParallelLinear(d, n_kv * self.head_dim, **column)
         self.v_proj = ColumnParallelLinear(d, n_kv * self.head_dim, **column)
-        self.o_proj = RowParallelLinear(n_heads * self.head_dim, d, tp_group=tp_group)
+        self.o_proj = RowParallelLinear(n_heads * self.head_dim, d, tp_group=tp_group,
+                                        sequence_parallel=sequence_parallel)
 
-    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x_BTD.shape
-        x_BTD = copy_to_tensor_parallel(x_BTD, self.tp_group)
-        q = apply_rope(self.q_proj(x_BTD).view(B, T, -1, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x_BTD).view(B, T, -1, self.head_dim), cos, sin)
-        v = self.v_proj(x_BTD).view(B, T, -1, self.head_dim)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, D], or [S, D] under SP; returns the same shape."""
+        T = cos.shape[0]
+        if self.sequence_parallel:
+            q, k, v = sequence_parallel_linears(x, self.tp_group, self.q_proj, self.k_proj, self.v_proj)
+        else:
+            x = copy_to_tensor_parallel(x, self.tp_group)
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = (t.view(-1, T, t.shape[-1] // self.head_dim, self.head_dim) for t in (q, k, v))
+        B = q.shape[0]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if self.checkpoint_core and torch.is_grad_enabled():
             out_BHTDh = checkpoint(causal_attention, q, k, v, use_reentrant=False)
         else:
             out_BHTDh = causal_attention(q, k, v)
-        return self.o_proj(out_BHTDh.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(out_BHTDh.transpose(1, 2).reshape(B, T, -1))  # [B, T, D], or [S, D] under SP
+
+
+class _SiLUGate(torch.autograd.Function):
+    """silu(gate) * up, saving only its two inputs: silu(gate) is recomputed in backward instead of kept (the
+    hidden-size activation autograd would save a third copy of), as Megatron's fused SwiGLU does. Same numbers:
+    backward calls the silu_backward kernel autograd itself would."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001
+        gate, up = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
 
 
 class SwiGLU(nn.Module):
     """w_2(silu(w_0 x) * w_1 x); hidden units split over TP ranks (w_0/w_1 column, w_2 row)."""
 
-    def __init__(self, config: ModelConfig, tp_group: ProcessGroup | None) -> None:
+    def __init__(self, config: ModelConfig, tp_group: ProcessGroup | None, sequence_parallel: bool) -> None:
         super().__init__()
         d, hidden = config.d_model, config.activation_hidden_dim
-        self.tp_group = tp_group
+        self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
         self.w_0 = ColumnParallelLinear(d, hidden, tp_group=tp_group, copy_input=False)
         self.w_1 = ColumnParallelLinear(d, hidden, tp_group=tp_group, copy_input=False)
-        self.w_2 = RowParallelLinear(hidden, d, tp_group=tp_group)
+        self.w_2 = RowParallelLinear(hidden, d, tp_group=tp_group, sequence_parallel=sequence_parallel)
 
-    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        x_BTD = copy_to_tensor_parallel(x_BTD, self.tp_group)
-        return self.w_2(F.silu(self.w_0(x_BTD)) * self.w_1(x_BTD))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence_parallel:  # [S, D] -> gathered [N, hidden / tp] -> [S, D]
+            gate, up = sequence_parallel_linears(x, self.tp_group, self.w_0, self.w_1)
+        else:
+            x = copy_to_tensor_parallel(x, self.tp_group)
+            gate, up = self.w_0(x), self.w_1(x)
+        return self.w_2(_SiLUGate.apply(gate, up))
 
 
 class PicoDecoderBlock(nn.Module):
     """Pre-norm block: h = x + attn(norm(x)); out = h + swiglu(norm(h))."""
 
-    def __init__(self, config: ModelConfig, tp_group: ProcessGroup | None) -> None:
+    def __init__(self, config: ModelConfig, tp_group: ProcessGroup | None, sequence_parallel: bool) -> None:
         super().__init__()
-        self.attention = Attention(config, tp_group)
-        self.swiglu = SwiGLU(config, tp_group)
-        self.attention_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.swiglu_norm = RMSNorm(config.d_model, config.norm_eps)
+        norm_group = tp_group if sequence_parallel else None
+        self.attention = Attention(config, tp_group, sequence_parallel)
+        self.swiglu = SwiGLU(config, tp_group, sequence_parallel)
+        self.attention_norm = RMSNorm(config.d_model, config.norm_eps, norm_group)
+        self.swiglu_norm = RMSNorm(config.d_model, config.norm_eps, norm_group)
         self.checkpoint_activations = False  # full activation checkpointing of this block
 
-    def _forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        h = x_BTD + self.attention(self.attention_norm(x_BTD), cos, sin)
+    def _forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
         return h + self.swiglu(self.swiglu_norm(h))
 
-    def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.checkpoint_activations and torch.is_grad_enabled():
-            return checkpoint(self._forward, x_BTD, cos, sin, use_reentrant=False)
-        return self._forward(x_BTD, cos, sin)
+            return checkpoint(self._forward, x, cos, sin, use_reentrant=False)
+        return self._forward(x, cos, sin)
 
 
 class PicoDecoder(nn.Module):
-    """The pico-decoder language model, tensor-parallel over `tp_group` (None = one process)."""
+    """The pico-decoder language model, tensor-parallel over `tp_group` (None = one process).
 
-    def __init__(self, config: ModelConfig, tp_group: ProcessGroup | None = None) -> None:
+    sequence_parallel: Megatron's SP over the TP group (a no-op without one). loss_chunk_tokens: tokens per chunk
+    of the fused loss head (one [chunk, V/tp] fp32 logits block alive at a time)."""
+
+    def __init__(self, config: ModelConfig, tp_group: ProcessGroup | None = None, sequence_parallel: bool = False,
+                 loss_chunk_tokens: int = 1024) -> None:
         super().__init__()
         validate_model(config)
         self.config = config
         self.tp_group = tp_group
-        self.embedding_proj = VocabParallelEmbedding(config.vocab_size, config.d_model, tp_group)
-        self.layers = nn.ModuleList(PicoDecoderBlock(config, tp_group) for _ in range(config.n_layers))
-        self.output_norm = RMSNorm(config.d_model, config.norm_eps)
-        self.de_embedding_proj = ColumnParallelLinear(config.d_model, config.vocab_size, tp_group=tp_group)
-        # Recompute norm -> logits -> loss in backward instead of keeping fp32 [B, T, V/tp] logits and softmax
-        # alive through the whole backward: for pico's 50k vocabulary they outweigh all block activations.
-        self.checkpoint_loss_head = False
+        self.sequence_parallel = sequence_parallel and tp_group is not None
+        self.loss_chunk_tokens = loss_chunk_tokens
+        self.embedding_proj = VocabParallelEmbedding(config.vocab_size, config.d_model, tp_group,
+                                                     sequence_parallel=self.sequence_parallel)
+        self.layers = nn.ModuleList(PicoDecoderBlock(config, tp_group, self.sequence_parallel)
+                                    for _ in range(config.n_layers))
+        self.output_norm = RMSNorm(config.d_model, config.norm_eps, tp_group if self.sequence_parallel else None)
+        self.de_embedding_proj = ColumnParallelLinear(config.d_model, config.vocab_size, tp_group=tp_group,
+                                                      copy_input=False)
+        self.compile_loss_head = False  # torch.compile the loss head's per-chunk elementwise kernels
 
     def hidden_states(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
-        """Output of the last block, before output_norm [B, T, D]."""
+        """Output of the last block, before output_norm: [B, T, D], or this rank's [S, D] tokens under SP."""
         T = input_ids_BT.shape[1]
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
@@ -160,23 +218,14 @@ class PicoDecoder(nn.Module):
             h = layer(h, cos, sin)
         return h
 
-    def _local_logits_of(self, h_BTD: torch.Tensor) -> torch.Tensor:
-        return self.de_embedding_proj(self.output_norm(h_BTD)).float()
-
-    def _loss_of(self, h_BTD: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
-        token_loss = vocab_parallel_cross_entropy(self._local_logits_of(h_BTD), labels_BT, self.tp_group)
-        return token_loss.sum() / (labels_BT != -100).sum().clamp(min=1)
-
-    def local_logits(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
-        """fp32 logits of this rank's vocab shard [B, T, V/tp]."""
-        return self._local_logits_of(self.hidden_states(input_ids_BT))
-
     def forward(self, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor | None = None) -> torch.Tensor:
         """Without labels: full fp32 logits [B, T, V] (gathered over TP). With labels: the mean token
-        cross-entropy (ignore_index -100), computed vocab-parallel without gathering the logits."""
-        h = self.hidden_states(input_ids_BT)
+        cross-entropy (ignore_index -100) from the fused, chunked, vocab-parallel head: no logits tensor."""
+        B, T = input_ids_BT.shape
+        x_BTD = enter_tensor_parallel(self.output_norm(self.hidden_states(input_ids_BT)), self.tp_group,
+                                      self.sequence_parallel, T)
         if labels_BT is None:
-            return gather_from_tensor_parallel(self._local_logits_of(h), self.tp_group)
-        if self.checkpoint_loss_head and torch.is_grad_enabled():
-            return checkpoint(self._loss_of, h, labels_BT, use_reentrant=False)
-        return self._loss_of(h, labels_BT)
+            return gather_from_tensor_parallel(self.de_embedding_proj(x_BTD).float(), self.tp_group)
+        return vocab_parallel_linear_cross_entropy(x_BTD.reshape(B * T, -1), self.de_embedding_proj.weight,
+                                                   labels_BT.reshape(B * T), self.tp_group,
+                                                   chunk_tokens=self.loss_chunk_tokens, compiled=self.compile_loss_head)

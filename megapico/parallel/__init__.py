@@ -1,11 +1,18 @@
 """Tensor parallelism: process groups (and DeepSpeed's mpu), autograd mappings, layers, vocab-parallel loss."""
 
-from megapico.parallel.cross_entropy import vocab_parallel_cross_entropy
-from megapico.parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+from megapico.parallel.cross_entropy import vocab_parallel_linear_cross_entropy
+from megapico.parallel.layers import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    sequence_parallel_linears,
+)
 from megapico.parallel.mappings import (
     copy_to_tensor_parallel,
+    gather_from_sequence_parallel,
     gather_from_tensor_parallel,
     reduce_from_tensor_parallel,
+    reduce_scatter_to_sequence_parallel,
     scatter_to_tensor_parallel,
 )
 from megapico.parallel.state import (
@@ -19,6 +26,8 @@ from megapico.parallel.state import (
 
 __all__ = [
     "ColumnParallelLinear", "LaunchError", "ParallelState", "RowParallelLinear", "VocabParallelEmbedding",
-    "agree_across_ranks", "copy_to_tensor_parallel", "default_backend", "free_port", "gather_from_tensor_parallel",
-    "init_distributed", "reduce_from_tensor_parallel", "scatter_to_tensor_parallel", "vocab_parallel_cross_entropy",
+    "agree_across_ranks", "copy_to_tensor_parallel", "default_backend", "free_port", "gather_from_sequence_parallel",
+    "gather_from_tensor_parallel", "init_distributed", "reduce_from_tensor_parallel",
+    "reduce_scatter_to_sequence_parallel", "scatter_to_tensor_parallel", "sequence_parallel_linears",
+    "vocab_parallel_linear_cross_entropy",
 ]

@@ -1,71 +1,132 @@
-"""Cross-entropy over vocab-sharded logits that never assembles the full vocabulary on one rank.
+"""The loss head: output projection + cross-entropy, fused and chunked, over a vocab-sharded weight.
 
-Each rank holds logits[:, V/tp]; three all-reduces of per-token scalars (max, target logit, sum of
-exp) give the exact softmax cross-entropy. The backward is the analytic softmax - one_hot, computed on
-the local shard.
+pico computes fp32 logits [tokens, V] and a cross-entropy over them; for its 50,304-token vocabulary those
+logits (and the softmax autograd keeps for backward) outweigh every other activation of the model. Here the
+logits never exist whole: tokens are taken `chunk_tokens` at a time, and for each chunk this rank forms its
+[chunk, V/tp] logits (in the matmul dtype, read as fp32), the per-token statistics, the loss, and at once the
+gradients of the hidden states and of its weight shard (softmax - one_hot, scaled by 1 / non-ignored tokens).
+What stays alive for backward is one [tokens, d_model] gradient and one [V/tp, d_model] fp32 gradient; backward
+only multiplies them by the incoming scalar (DeepSpeed's 1 / gradient accumulation). Computing the gradients in
+the forward costs the same three matmuls per chunk that an unfused head does; recomputing the logits in backward
+would add a fourth.
+
+Under TP each rank holds V/tp rows of the weight. Per chunk, one all-gather of [3, chunk] per-token scalars (local
+max, local sum of exp relative to it, target logit or 0) gives every rank the exact global log-sum-exp and target
+logit (a log-sum-exp of the ranks' partial sums), so the vocabulary is never gathered. The hidden-state gradient is
+this rank's partial sum over its vocab shard; the caller feeds the hidden states through copy_to_tensor_parallel
+(or the sequence-parallel gather), whose backward sums it over TP.
 """
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed import ProcessGroup
 
-from megapico.parallel.mappings import group_rank, group_size
+from megapico.parallel.mappings import all_gather_dim0, group_rank, group_size
 
 
-def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp, group: ProcessGroup | None) -> None:
-    if group_size(group) > 1:
-        dist.all_reduce(tensor, op=op, group=group)
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The matmul dtype: autocast's when it is on (bf16-mixed), else the inputs' own."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-class _VocabParallelCrossEntropy(torch.autograd.Function):
+def chunk_statistics(logits: torch.Tensor, local_target: torch.Tensor,
+                     here: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per token of a [c, V/tp] logits chunk (any dtype, read as fp32): the local max, the sum of exp(logit - max)
+    and the target's logit (0 where the target is on another rank or ignored)."""
+    logits = logits.float()
+    local_max = logits.max(dim=-1).values
+    local_sum = (logits - local_max.unsqueeze(-1)).exp_().sum(dim=-1)
+    target_logit = logits.gather(-1, local_target).squeeze(-1).masked_fill(~here, 0.0)
+    return local_max, local_sum, target_logit
+
+
+def chunk_logits_gradient(logits: torch.Tensor, log_sum_exp: torch.Tensor, local_target: torch.Tensor,
+                          here: torch.Tensor, row_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(softmax - one_hot) * row_scale over this rank's columns, in the matmul dtype: the gradient of
+    sum(row_scale * token loss) with respect to the logits chunk."""
+    grad = (logits.float() - log_sum_exp.unsqueeze(-1)).exp_()  # the softmax: one [c, V/tp] fp32 buffer
+    grad.scatter_add_(-1, local_target, -here.float().unsqueeze(-1))
+    return grad.mul_(row_scale.unsqueeze(-1)).to(dtype)
+
+
+# torch.compile turns each of the two into one or two fused kernels over the chunk (no fp32 copy of the logits,
+# one pass to write the gradient); eager they are plain torch. Chosen by `compiled` below.
+_COMPILED = {}
+
+
+def _kernels(compiled: bool):  # noqa: ANN202
+    if not compiled:
+        return chunk_statistics, chunk_logits_gradient
+    if not _COMPILED:
+        _COMPILED["kernels"] = (torch.compile(chunk_statistics), torch.compile(chunk_logits_gradient))
+    return _COMPILED["kernels"]
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, group: ProcessGroup | None,  # noqa: ANN001
-                ignore_index: int) -> torch.Tensor:
-        vocab_local = logits.shape[-1]
-        vocab_start = group_rank(group) * vocab_local
+    def forward(ctx, x_ND: torch.Tensor, weight_VD: torch.Tensor, labels_N: torch.Tensor,  # noqa: ANN001
+                group: ProcessGroup | None, ignore_index: int, chunk_tokens: int, compiled: bool) -> torch.Tensor:
+        dtype = _compute_dtype(x_ND)
+        statistics, logits_gradient = _kernels(compiled)
+        want_x_grad, want_w_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        tp = group_size(group)
+        with torch.autocast(x_ND.device.type, enabled=False):
+            x, weight = x_ND.to(dtype), weight_VD.to(dtype)
+            vocab_local = weight.shape[0]
+            vocab_start = group_rank(group) * vocab_local
+            valid_N = labels_N != ignore_index
+            scale = 1.0 / valid_N.sum().clamp(min=1).float()  # a device scalar: no host sync
+            grad_x = torch.empty_like(x_ND) if want_x_grad else None
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w_grad else None
+            loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
+            for start in range(0, x.shape[0], chunk_tokens):
+                x_c = x[start:start + chunk_tokens]
+                valid = valid_N[start:start + chunk_tokens]
+                local_target = labels_N[start:start + chunk_tokens] - vocab_start
+                here = valid & (local_target >= 0) & (local_target < vocab_local)
+                local_target = local_target.clamp(0, vocab_local - 1).unsqueeze(-1)
 
-        logits_max = logits.max(dim=-1).values
-        _all_reduce(logits_max, dist.ReduceOp.MAX, group)
-        shifted = logits - logits_max.unsqueeze(-1)
-
-        local_target = target - vocab_start
-        not_here = (local_target < 0) | (local_target >= vocab_local)
-        local_target = local_target.masked_fill(not_here, 0)
-        target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1).masked_fill(not_here, 0.0)
-        _all_reduce(target_logit, dist.ReduceOp.SUM, group)
-
-        exp = shifted.exp_()  # reuse the shifted buffer: it becomes the softmax numerator
-        sum_exp = exp.sum(dim=-1)
-        _all_reduce(sum_exp, dist.ReduceOp.SUM, group)
-
-        ignored = target == ignore_index
-        loss = (sum_exp.log() - target_logit).masked_fill(ignored, 0.0)
-        softmax = exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, local_target, not_here, ignored)
-        return loss
+                logits = x_c @ weight.t()  # [c, V/tp] in the matmul dtype; read as fp32 below
+                local_max, local_sum, target_logit = statistics(logits, local_target, here)
+                if tp > 1:
+                    maxes, sums, targets = all_gather_dim0(
+                        torch.stack((local_max, local_sum, target_logit)).unsqueeze(0), group).unbind(1)
+                    global_max = maxes.max(dim=0).values
+                    log_sum_exp = global_max + (sums * (maxes - global_max).exp()).sum(dim=0).log()
+                    target_logit = targets.sum(dim=0)
+                else:
+                    log_sum_exp = local_max + local_sum.log()
+                loss_sum += (log_sum_exp - target_logit).masked_fill(~valid, 0.0).sum()
+                if grad_x is None and grad_w is None:
+                    continue
+                grad_logits = logits_gradient(logits, log_sum_exp, local_target, here, valid.float() * scale, dtype)
+                del logits
+                if grad_x is not None:
+                    grad_x[start:start + chunk_tokens] = grad_logits @ weight
+                if grad_w is None:
+                    continue
+                if dtype == torch.float32:
+                    grad_w.addmm_(grad_logits.t(), x_c)
+                else:  # each chunk's bf16 product (fp32-accumulated in the matmul) summed in fp32
+                    grad_w += (grad_logits.t() @ x_c).float()
+        ctx.save_for_backward(grad_x, grad_w)
+        ctx.weight_dtype = weight_VD.dtype
+        return loss_sum * scale
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):  # noqa: ANN001
-        softmax, local_target, not_here, ignored = ctx.saved_tensors
-        grad = softmax.clone()
-        one_hot_here = (~not_here).to(grad.dtype).unsqueeze(-1)
-        grad.scatter_add_(-1, local_target.unsqueeze(-1), -one_hot_here)
-        grad.mul_(grad_loss.masked_fill(ignored, 0.0).unsqueeze(-1))
-        return grad, None, None, None
+        grad_x, grad_w = ctx.saved_tensors
+        grad_x = grad_x * grad_loss.to(grad_x.dtype) if grad_x is not None else None
+        grad_w = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
+        return grad_x, grad_w, None, None, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
-                                 group: ProcessGroup | None = None, ignore_index: int = -100) -> torch.Tensor:
-    """Per-token loss [...] (0 where target == ignore_index) from local logits [..., V/tp], in fp32.
-
-    Without a TP group the logits are the whole vocabulary and torch's fused kernel does the same math
-    in fewer passes over the [tokens, V] tensor.
-    """
-    shape = target.shape
-    if group_size(group) == 1:
-        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
-                               ignore_index=ignore_index, reduction="none").view(shape)
-    loss = _VocabParallelCrossEntropy.apply(logits.float().reshape(-1, logits.shape[-1]),
-                                            target.reshape(-1), group, ignore_index)
-    return loss.view(shape)
+def vocab_parallel_linear_cross_entropy(x_ND: torch.Tensor, weight_VD: torch.Tensor, labels_N: torch.Tensor,
+                                        group: ProcessGroup | None = None, ignore_index: int = -100,
+                                        chunk_tokens: int = 1024, compiled: bool = False) -> torch.Tensor:
+    """Mean cross-entropy over the tokens whose label is not ignore_index (0 when there are none) of the logits
+    x @ weight.T, where `weight` holds this rank's V/tp rows of the output projection; fp32 statistics.
+    compiled: run the per-chunk elementwise work as torch.compile'd kernels."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    return _LinearCrossEntropy.apply(x_ND, weight_VD, labels_N, group, ignore_index, chunk_tokens, compiled)

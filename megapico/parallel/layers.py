@@ -16,11 +16,14 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from megapico.parallel.mappings import (
+    all_gather_dim0,
     copy_to_tensor_parallel,
     gather_from_tensor_parallel,
     group_rank,
     group_size,
     reduce_from_tensor_parallel,
+    reduce_scatter_dim0,
+    reduce_scatter_to_sequence_parallel,
 )
 
 
@@ -46,6 +49,33 @@ def divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
+class _SequenceParallelLinears(torch.autograd.Function):
+    """All-gather this rank's [S, D] tokens once and apply several column-parallel weights to the [N, D] result,
+    keeping only the [S, D] shard for backward, where the tokens are gathered again (Megatron's SP linear): the
+    gathered input, the largest tensor the projections would save, is never held."""
+
+    @staticmethod
+    def forward(ctx, x_SD: torch.Tensor, group: ProcessGroup, *weights: torch.Tensor):  # noqa: ANN001, ANN205
+        ctx.group = group
+        ctx.save_for_backward(x_SD, *weights)
+        x_ND = all_gather_dim0(x_SD, group)
+        return tuple(F.linear(x_ND, weight) for weight in weights)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor):  # noqa: ANN001, ANN205
+        x_SD, *weights = ctx.saved_tensors
+        x_ND = all_gather_dim0(x_SD, ctx.group)
+        grad_x = sum(grad.flatten(0, -2) @ weight for grad, weight in zip(grads, weights, strict=True))
+        grad_weights = tuple(grad.flatten(0, -2).t() @ x_ND for grad in grads)
+        return (reduce_scatter_dim0(grad_x, ctx.group), None, *grad_weights)
+
+
+def sequence_parallel_linears(x_SD: torch.Tensor, group: ProcessGroup,
+                              *layers: "ColumnParallelLinear") -> tuple[torch.Tensor, ...]:
+    """[N, out] = all_gather(x_SD) @ W^T for each column-parallel layer, sharing one gather; see above."""
+    return _SequenceParallelLinears.apply(x_SD, group, *(layer.weight for layer in layers))
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T with W split by output rows: each rank computes out_features / tp of the outputs.
 
@@ -68,28 +98,38 @@ class ColumnParallelLinear(nn.Module):
         return gather_from_tensor_parallel(y, self.tp_group) if self.gather_output else y
 
 
+def exit_tensor_parallel(partial: torch.Tensor, tp_group: ProcessGroup | None, sequence_parallel: bool) -> torch.Tensor:
+    """Complete partial sums over TP: all-reduce to the same shape, or (SP) reduce-scatter the flattened tokens
+    to this rank's [S, D] block."""
+    if sequence_parallel:
+        return reduce_scatter_to_sequence_parallel(partial.flatten(0, -2), tp_group)
+    return reduce_from_tensor_parallel(partial, tp_group)
+
+
 class RowParallelLinear(nn.Module):
     """y = x W^T with W split by input columns: the input arrives already split (from a column layer),
-    each rank forms a partial sum, and one all-reduce completes it."""
+    each rank forms a partial sum, and one all-reduce (or, under SP, reduce-scatter) completes it."""
 
     def __init__(self, in_features: int, out_features: int, tp_group: ProcessGroup | None = None,
-                 init: Callable[[torch.Tensor], None] = kaiming_uniform_init) -> None:
+                 sequence_parallel: bool = False, init: Callable[[torch.Tensor], None] = kaiming_uniform_init) -> None:
         super().__init__()
         divide(in_features, group_size(tp_group), "in_features")
-        self.tp_group = tp_group
+        self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
         self.weight = _shard_of_full((out_features, in_features), 1, init, tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reduce_from_tensor_parallel(F.linear(x, self.weight), self.tp_group)
+        return exit_tensor_parallel(F.linear(x, self.weight), self.tp_group, self.sequence_parallel)
 
 
 class VocabParallelEmbedding(nn.Module):
     """Embedding whose rows (the vocabulary) are split over TP ranks; each rank looks up the ids it owns,
-    writes zeros for the rest, and an all-reduce assembles the full embeddings."""
+    writes zeros for the rest, and an all-reduce assembles the full embeddings (under SP a reduce-scatter
+    leaves each rank its [S, D] block of the tokens)."""
 
-    def __init__(self, vocab_size: int, dim: int, tp_group: ProcessGroup | None = None) -> None:
+    def __init__(self, vocab_size: int, dim: int, tp_group: ProcessGroup | None = None,
+                 sequence_parallel: bool = False) -> None:
         super().__init__()
-        self.tp_group = tp_group
+        self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
         self.vocab_per_rank = divide(vocab_size, group_size(tp_group), "vocab_size")
         self.vocab_start = group_rank(tp_group) * self.vocab_per_rank
         self.weight = _shard_of_full((vocab_size, dim), 0, nn.init.normal_, tp_group)
@@ -101,4 +141,4 @@ class VocabParallelEmbedding(nn.Module):
         foreign = (local_ids < 0) | (local_ids >= self.vocab_per_rank)
         embedded = F.embedding(local_ids.masked_fill(foreign, 0), self.weight)
         embedded = embedded.masked_fill(foreign.unsqueeze(-1), 0.0)
-        return reduce_from_tensor_parallel(embedded, self.tp_group)
+        return exit_tensor_parallel(embedded, self.tp_group, self.sequence_parallel)

@@ -1,13 +1,18 @@
-"""The four autograd pairs that move activations across the tensor-parallel group (Megatron's mappings).
+"""The autograd pairs that move activations across the tensor-parallel group (Megatron's mappings).
 
-| function      | forward                    | backward                   |
-|---------------|----------------------------|----------------------------|
-| copy_to       | identity                   | all-reduce the gradient    |
-| reduce_from   | all-reduce                 | identity                   |
-| gather_from   | all-gather the last dim    | keep this rank's slice     |
-| scatter_to    | keep this rank's slice     | all-gather the last dim    |
+| function                         | forward                       | backward                      |
+|----------------------------------|-------------------------------|-------------------------------|
+| copy_to_tensor_parallel          | identity                      | all-reduce the gradient       |
+| reduce_from_tensor_parallel      | all-reduce                    | identity                      |
+| gather_from_tensor_parallel      | all-gather the last dim       | keep this rank's slice        |
+| scatter_to_tensor_parallel       | keep this rank's slice        | all-gather the last dim       |
+| gather_from_sequence_parallel    | all-gather the token dim (0)  | reduce-scatter the token dim  |
+| reduce_scatter_to_sequence_parallel | reduce-scatter the token dim | all-gather the token dim     |
 
-Each is the identity when `group` is None (one process), so TP=1 runs the same code with no comms.
+The sequence-parallel pair (Megatron's SP) works on flat [tokens, ...] tensors whose dim 0 is split over the TP
+ranks in contiguous blocks, so both collectives move contiguous memory. Each is the identity when `group` is None
+(one process), so TP=1 runs the same code with no comms. gloo has no reduce-scatter: there it is an all-reduce
+and a slice (CPU tests only; NCCL gets the real collective).
 """
 
 import torch
@@ -44,6 +49,35 @@ def all_gather_last_dim(tensor: torch.Tensor, group: ProcessGroup | None) -> tor
     parts = [torch.empty_like(tensor) for _ in range(size)]
     dist.all_gather(parts, tensor.contiguous(), group=group)
     return torch.cat(parts, dim=-1)
+
+
+def all_gather_dim0(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """[n, ...] from every rank -> [tp * n, ...], rank order."""
+    size = group_size(group)
+    if size == 1:
+        return tensor
+    tensor = tensor.contiguous()
+    out = torch.empty((size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    if dist.get_backend(group) == "gloo":  # gloo implements only the list form
+        dist.all_gather(list(out.chunk(size)), tensor, group=group)
+    else:
+        dist.all_gather_into_tensor(out, tensor, group=group)
+    return out
+
+
+def reduce_scatter_dim0(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """Sum [n, ...] over the ranks and keep this rank's contiguous [n / tp, ...] block."""
+    size = group_size(group)
+    if size == 1:
+        return tensor
+    tensor = tensor.contiguous()
+    if dist.get_backend(group) == "gloo":
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, group=group)
+        return tensor.chunk(size)[group_rank(group)].contiguous()
+    out = torch.empty((tensor.shape[0] // size, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    dist.reduce_scatter_tensor(out, tensor, group=group)
+    return out
 
 
 class _CopyToTensorParallel(torch.autograd.Function):
@@ -89,6 +123,28 @@ class _ScatterToTensorParallel(torch.autograd.Function):
         return all_gather_last_dim(grad, ctx.group), None
 
 
+class _GatherFromSequenceParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:  # noqa: ANN001
+        ctx.group = group
+        return all_gather_dim0(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001
+        return reduce_scatter_dim0(grad, ctx.group), None
+
+
+class _ReduceScatterToSequenceParallel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:  # noqa: ANN001
+        ctx.group = group
+        return reduce_scatter_dim0(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001
+        return all_gather_dim0(grad, ctx.group), None
+
+
 def copy_to_tensor_parallel(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     return x if group is None else _CopyToTensorParallel.apply(x, group)
 
@@ -103,3 +159,11 @@ def gather_from_tensor_parallel(x: torch.Tensor, group: ProcessGroup | None) -> 
 
 def scatter_to_tensor_parallel(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
     return x if group is None else _ScatterToTensorParallel.apply(x, group)
+
+
+def gather_from_sequence_parallel(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    return x if group is None else _GatherFromSequenceParallel.apply(x, group)
+
+
+def reduce_scatter_to_sequence_parallel(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    return x if group is None else _ReduceScatterToSequenceParallel.apply(x, group)

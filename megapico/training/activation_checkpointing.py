@@ -8,12 +8,11 @@ from megapico.config import ActivationCheckpointingConfig
 
 
 def apply_activation_checkpointing(model: nn.Module, ac: ActivationCheckpointingConfig) -> int:
-    """full: recompute every N-th block, and the loss head, in backward; selective: only the attention core of
-    every N-th block (with flash-style SDPA there is no s x s matrix to save, so it frees little). Returns the
-    number of blocks set."""
+    """full: recompute every N-th block in backward (the fused loss head keeps no logits, so it needs none);
+    selective: only the attention core of every N-th block (with flash-style SDPA there is no s x s matrix to
+    save, so it frees little). Returns the number of blocks set."""
     if ac.mode == "none":
         return 0
-    model.checkpoint_loss_head = ac.mode == "full"
     chosen = [layer for index, layer in enumerate(model.layers) if index % ac.every_n_layers == 0]
     for layer in chosen:
         if ac.mode == "full":

@@ -2,12 +2,21 @@
 
 Bytes per parameter under ZeRO-2 over DP ranks (P = parameters on this TP rank): the module's weights (bf16 2P;
 bf16-mixed 4P plus the 2P bf16 copies autocast makes for the matmuls; fp32 4P), the fp32 gradient partition
-4P/DP plus two reduce buckets, fp32 master weights + Adam moments 12P/DP. Activations per layer and micro batch
-(b sequences of s tokens, hidden h, ffn f, TP t, KV/H the GQA ratio), as saved for backward with flash attention
-(no s x s matrix): residual-stream tensors 4sbh (norm inputs/outputs; bf16 in DeepSpeed's bf16, fp32 in
-bf16-mixed), matmul inputs (2 + 2KV/H) sbh/t (q, k, v, attention output) + 4sbf/t (SwiGLU) in the matmul dtype,
-and the RMSNorms' fp32 statistics 8sbh; the loss adds fp32 logits and softmax 8sbV/t. Full checkpointing keeps
-only each block's input plus one block being recomputed.
+4P/DP plus two reduce buckets, fp32 master weights + Adam moments 12P/DP.
+
+Activations: the tensors autograd saves for backward in megapico's model (checked against saved_tensors_hooks in
+tests/test_memory_estimate.py). Per layer and micro batch of b sequences of s tokens (hidden h, ffn f, TP t, GQA
+ratio r = KV/H, m the matmul bytes: 4 in fp32, 2 in bf16 and bf16-mixed):
+- each RMSNorm keeps its input and its normalised output, n bytes per element (fp32 and bf16-mixed: 4 + 4; bf16:
+  the fp32 upcast 4 + the bf16 output 2), two norms: 2 n sbh;
+- the q/k/v and w_0/w_1 inputs (the norm outputs; bf16 copies under autocast): 2 m sbh;
+- attention with flash/memory-efficient kernels (no s x s matrix): q, k, v and the output, (2 + 2r) m sbh/t in
+  bf16 (flash's native GQA), 4 m sbh/t in fp32 (k/v expanded to the query heads), plus o_proj's input m sbh/t;
+- SwiGLU: gate and up (silu recomputed in backward) and w_2's input, 3 m sbf/t.
+Sequence parallelism divides the norm and projection-input terms by t too. The fused loss head keeps one
+[sb, h] hidden-state gradient and an fp32 [V/t, h] weight gradient (no logits); the output norm adds n sbh (/t).
+Full activation checkpointing keeps each block's input (the residual stream, r_b bytes, /t under SP) plus one
+block being recomputed.
 """
 
 from dataclasses import dataclass
@@ -17,6 +26,9 @@ from megapico.training.deepspeed_config import bucket_plan
 from megapico.training.metrics import parameters_per_tp_rank
 
 GIB = 2**30
+NORM_BYTES = {"fp32": 8, "bf16-mixed": 8, "bf16": 6}
+MATMUL_BYTES = {"fp32": 4, "bf16-mixed": 2, "bf16": 2}
+RESIDUAL_BYTES = {"fp32": 4, "bf16-mixed": 4, "bf16": 2}
 
 
 @dataclass
@@ -36,24 +48,53 @@ class MemoryEstimate:
         return self.weights + self.gradients + self.optimizer + self.activations_checkpointed
 
 
+def activation_bytes(model: ModelConfig, micro_batch: int, seq_len: int, tp: int = 1, precision: str = "bf16-mixed",
+                     sequence_parallel: bool = False, checkpointed: bool = False) -> float:
+    """Bytes saved for backward by one forward of `micro_batch` sequences on one TP rank (formula above)."""
+    tokens, h, f = micro_batch * seq_len, model.d_model, model.activation_hidden_dim
+    norm, matmul = NORM_BYTES[precision], MATMUL_BYTES[precision]
+    kv_ratio = model.attention_n_kv_heads / model.attention_n_heads
+    sp = tp if sequence_parallel else 1
+    attention_units = 4 if precision == "fp32" else 2 + 2 * kv_ratio
+    per_layer = tokens * (2 * norm * h / sp + 2 * matmul * h / sp + attention_units * matmul * h / tp
+                          + matmul * h / tp + 3 * matmul * f / tp)
+    head = tokens * h * (RESIDUAL_BYTES[precision] + norm / sp) + 4 * model.vocab_size * h / tp
+    if checkpointed:
+        return model.n_layers * tokens * h * RESIDUAL_BYTES[precision] / sp + per_layer + head
+    return model.n_layers * per_layer + head
+
+
 def estimate_memory(model: ModelConfig, gpus: int, tp: int, micro_batch: int, seq_len: int,
-                    precision: str = "bf16-mixed") -> MemoryEstimate:
+                    precision: str = "bf16-mixed", sequence_parallel: bool = False,
+                    loss_chunk_tokens: int = 1024) -> MemoryEstimate:
     """precision: bf16-mixed (fp32 module + autocast's bf16 weight copies, fp32 residual stream), bf16 (DeepSpeed's
-    bf16 module and activations) or fp32. All three keep fp32 gradient partitions, masters and Adam moments."""
+    bf16 module and activations) or fp32. All three keep fp32 gradient partitions, masters and Adam moments.
+    Activations include the loss head's working set while it runs: one chunk's logits, fp32 softmax and
+    gradient ([chunk, V/t] each)."""
     dp = gpus // tp
     params = parameters_per_tp_rank(model, tp)
     bucket, _ = bucket_plan(int(params), dp)
     weight_bytes = {"bf16": 2, "bf16-mixed": 4 + 2, "fp32": 4}[precision]
-    residual_bytes, matmul_bytes = {"bf16": (2, 2), "bf16-mixed": (4, 2), "fp32": (4, 4)}[precision]
-    s, b, h, f = seq_len, micro_batch, model.d_model, model.activation_hidden_dim
-    kv_ratio = model.attention_n_kv_heads / model.attention_n_heads
-    matmul_inputs = (2 + 2 * kv_ratio) * s * b * h / tp + 4 * s * b * f / tp
-    per_layer = residual_bytes * 4 * s * b * h + matmul_bytes * matmul_inputs + 8 * s * b * h
-    logits = 8 * s * b * model.vocab_size / tp
+    head_working_set = 3 * 4 * min(loss_chunk_tokens, micro_batch * seq_len) * model.vocab_size / tp
+    activations = {checkpointed: (activation_bytes(model, micro_batch, seq_len, tp, precision, sequence_parallel,
+                                                   checkpointed) + head_working_set) / GIB
+                   for checkpointed in (False, True)}
     return MemoryEstimate(
         weights=weight_bytes * params / GIB,
         gradients=(4 * params / dp + 2 * bucket * (2 if precision == "bf16" else 4)) / GIB,
         optimizer=12 * params / dp / GIB,
-        activations=(model.n_layers * per_layer + logits) / GIB,
-        activations_checkpointed=(model.n_layers * residual_bytes * s * b * h + per_layer + logits) / GIB,
+        activations=activations[False],
+        activations_checkpointed=activations[True],
     )
+
+
+def largest_micro_batch(model: ModelConfig, gpus: int, tp: int, seq_len: int, precision: str = "bf16-mixed",
+                        sequence_parallel: bool = False, budget_gib: float = 72.0, checkpointed: bool = False) -> int:
+    """The largest micro batch whose estimate stays under `budget_gib` (an 80 GB A100 less room for the CUDA
+    context, NCCL buffers and the allocator's fragmentation)."""
+    micro = 0
+    while True:
+        estimate = estimate_memory(model, gpus, tp, micro + 1, seq_len, precision, sequence_parallel)
+        if (estimate.total_checkpointed if checkpointed else estimate.total) > budget_gib:
+            return micro
+        micro += 1

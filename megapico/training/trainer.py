@@ -4,6 +4,7 @@ Parallel layout: TP ranks split every layer (megapico.parallel); DeepSpeed ZeRO-
 fp32 master weights + Adam state over the data-parallel group only (it learns the groups from `mpu`).
 """
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,8 +73,14 @@ def build_engine(config: MegapicoConfig, parallel: ParallelState):  # noqa: ANN2
     torch.manual_seed(config.training.seed)  # identical on every rank: TP shards come from one full init
     # At TP=1 the model gets no group: its mappings are then plain identities (no size-1 collectives, clones or
     # autograd nodes); DeepSpeed still gets the size-1 group through `mpu`.
-    model = PicoDecoder(config.model, parallel.tp_group if parallel.tp_size > 1 else None)
+    model = PicoDecoder(config.model, parallel.tp_group if parallel.tp_size > 1 else None,
+                        sequence_parallel=config.parallel.sequence_parallel,
+                        loss_chunk_tokens=config.training.loss_chunk_tokens)
     apply_activation_checkpointing(model, config.training.activation_checkpointing)
+    if config.training.compile:  # per block, in place (torchtitan): state-dict keys stay pico's
+        for layer in model.layers:
+            layer.compile()
+        model.compile_loss_head = True
     bf16 = use_bf16(config)
     fp32_init = {name: param.detach().clone() for name, param in model.named_parameters()} if bf16 else None
     train = config.training
@@ -184,6 +191,7 @@ def pretrain(config: MegapicoConfig) -> TrainResult:
     if resumed is None and dynamics_batches:
         save_checkpoint(0)  # pico keeps the initial model and its learning dynamics as step_0
     logger.start_clock()
+    first_step_started = time.perf_counter()
     for step in range(start_step + 1, train.max_steps + 1):
         step_loss = torch.zeros((), device=engine.device)  # stays on the device: no host sync in the step
         for _ in range(train.gradient_accumulation_steps):
@@ -209,6 +217,9 @@ def pretrain(config: MegapicoConfig) -> TrainResult:
         printing = step % config.logging.log_interval == 0 or is_last or step == start_step + 1
         if printing or evaluating or saving:
             result.losses.update(logger.flush(step, engine.get_global_grad_norm(), printing))
+        if step == start_step + 1 and train.compile and dist.get_rank() == 0:
+            print(f"torch.compile: the first step took {time.perf_counter() - first_step_started:.1f} s "
+                  f"(the decoder blocks compile once, here)", flush=True)
         if evaluating:
             run_eval(step)
         if saving:

@@ -1,0 +1,158 @@
+"""pretrain.py's training step against pico-train's, side by side in one run (issue 11's goals).
+
+megapico: the DeepSpeed engine `pretrain.py` builds (one process, ZeRO-2, fp32 on CPU) with the fused chunked
+loss head, eager and with `training.compile=true`. pico-train: its own PicoDecoder (src/model/pico_decoder.py of a
+pico-train checkout, loaded from --pico-train, not shipped here) + F.cross_entropy over its fp32 logits + AdamW,
+the step its Lightning loop runs. Same model size, batch, data and thread count.
+
+Also: bytes autograd saves for backward (saved_tensors_hooks, each storage once) and the largest saved tensor
+against the full fp32 logits; and per-rank saved bytes at TP=2 and TP=4 with and without sequence
+parallelism.
+    python benchmarks/bench_step.py --pico-train ../pico-train --preset tiny --micro-batch 4 --seq 512 --steps 5
+"""
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+import types
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from distributed import run_distributed  # noqa: E402
+
+from megapico.config import MODEL_PRESETS, load_config  # noqa: E402
+from megapico.model import PicoDecoder  # noqa: E402
+
+
+def saved_bytes(loss_fn):
+    """(total bytes saved for backward, largest single saved storage) of loss_fn(), weights excluded."""
+    seen, sizes = set(), []
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in seen and not isinstance(tensor, torch.nn.Parameter):
+            seen.add(storage.data_ptr())
+            sizes.append(storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = loss_fn()
+    loss.backward()
+    return sum(sizes), max(sizes)
+
+
+def load_pico_train_model(path, model_config):
+    spec = importlib.util.spec_from_file_location("pico_train_decoder", os.path.join(path, "src", "model",
+                                                                                       "pico_decoder.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.manual_seed(42)
+    return module.PicoDecoder(types.SimpleNamespace(**dataclasses.asdict(model_config), batch_size=1024))
+
+
+def timed_steps(step, steps):
+    step()  # warm-up (and compilation)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - started) / steps
+
+
+def megapico_engine(args, compile_blocks):
+    from megapico.parallel import ParallelState, init_distributed
+    from megapico.training.trainer import build_engine
+
+    init_distributed()
+    config = load_config(None, [f"model_preset={args.preset}", f"model.max_seq_len={args.seq}",
+                                f"data.seq_len={args.seq}", f"training.micro_batch_size={args.micro_batch}",
+                                "training.precision=fp32", "training.deepspeed_config=ds_configs/zero2_cpu.json",
+                                f"training.compile={compile_blocks}"])
+    engine, _ = build_engine(config, ParallelState.build(1))
+    return engine
+
+
+def _tp_saved_bytes(rank, world_size, preset, micro_batch, seq, sequence_parallel):
+    from megapico.parallel import ParallelState
+
+    state = ParallelState.build(world_size)
+    config = dataclasses.replace(MODEL_PRESETS[preset], max_seq_len=seq)
+    torch.manual_seed(42)
+    model = PicoDecoder(config, state.tp_group, sequence_parallel=sequence_parallel)
+    tokens = torch.randint(0, config.vocab_size, (micro_batch, seq + 1), generator=torch.Generator().manual_seed(0))
+    return saved_bytes(lambda: model(tokens[:, :-1], tokens[:, 1:]))[0]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pico-train", required=True, help="a pico-train checkout (pico-lm/pico-train)")
+    parser.add_argument("--preset", default="tiny", choices=sorted(MODEL_PRESETS))
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    config = dataclasses.replace(MODEL_PRESETS[args.preset], max_seq_len=args.seq)
+    tokens = torch.randint(0, config.vocab_size, (args.micro_batch, args.seq + 1),
+                           generator=torch.Generator().manual_seed(0))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    batch_tokens = inputs.numel()
+    print(f"preset={args.preset} micro_batch={args.micro_batch} seq={args.seq} fp32 CPU "
+          f"threads={torch.get_num_threads()} torch {torch.__version__}")
+
+    peer = load_pico_train_model(args.pico_train, config)
+    peer_optimizer = torch.optim.AdamW(peer.parameters(), lr=3e-4, weight_decay=0.01)
+
+    def peer_loss():
+        logits, _ = peer(inputs)
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1))
+
+    def peer_step():
+        peer_loss().backward()
+        peer_optimizer.step()
+        peer_optimizer.zero_grad(set_to_none=True)
+
+    results = {"pico-train (PicoDecoder + F.cross_entropy + AdamW)": timed_steps(peer_step, args.steps)}
+    for compile_blocks in (False, True):
+        engine = megapico_engine(args, compile_blocks)
+
+        def engine_step(engine=engine):
+            engine.backward(engine(inputs, labels))
+            engine.step()
+
+        started = time.perf_counter()
+        engine_step()
+        first = time.perf_counter() - started
+        name = f"megapico pretrain.py step ({'compile' if compile_blocks else 'eager'})"
+        results[name] = timed_steps(engine_step, args.steps)
+        if compile_blocks:
+            print(f"compile: first step {first:.1f} s")
+    base = results["pico-train (PicoDecoder + F.cross_entropy + AdamW)"]
+    print("\n| training step | s/step | tokens/s | vs pico-train |\n|---|---|---|---|")
+    for name, seconds in results.items():
+        print(f"| {name} | {seconds:.3f} | {batch_tokens / seconds:,.0f} | {base / seconds:.2f}x |")
+
+    peer_peer = saved_bytes(peer_loss)
+    torch.manual_seed(42)
+    ours = saved_bytes(lambda: PicoDecoder(config)(inputs, labels))
+    logits_bytes = batch_tokens * config.vocab_size * 4
+    print("\n| saved for backward (no activation checkpointing) | total MiB | largest tensor MiB | vs full fp32 "
+          "logits |\n|---|---|---|---|")
+    for name, (total, largest) in (("pico-train", peer_peer), ("megapico", ours)):
+        print(f"| {name} | {total / 2**20:,.1f} | {largest / 2**20:,.1f} | {logits_bytes / largest:.1f}x smaller |")
+    print(f"megapico saves {peer_peer[0] / ours[0]:.2f}x fewer bytes than pico-train")
+
+    for tp in (2, 4):
+        with tempfile.TemporaryDirectory() as tmp:
+            per_rank = {sp: run_distributed(_tp_saved_bytes, tp, args.preset, args.micro_batch, args.seq, sp,
+                                            tmp_path=tmp) for sp in (False, True)}
+        print(f"TP={tp} per-rank saved bytes: {per_rank[False] / 2**20:,.1f} MiB without SP, "
+              f"{per_rank[True] / 2**20:,.1f} MiB with SP ({per_rank[True] / per_rank[False]:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

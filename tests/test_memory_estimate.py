@@ -1,0 +1,55 @@
+"""tools/estimate_memory.py's activation term against what autograd really saves (saved_tensors_hooks) for
+pico-decoder-tiny at TP=1 and TP=2, with and without sequence parallelism, and with full checkpointing."""
+
+import dataclasses
+
+import pytest
+import torch
+from distributed import run_distributed
+
+from megapico.config import MODEL_PRESETS, ActivationCheckpointingConfig
+from megapico.model import PicoDecoder
+from megapico.training.activation_checkpointing import apply_activation_checkpointing
+from megapico.training.memory_estimate import activation_bytes
+
+CONFIG = dataclasses.replace(MODEL_PRESETS["tiny"], max_seq_len=128)
+MICRO, SEQ = 2, 128
+
+
+def saved_bytes(model, tokens):
+    """Bytes of every storage autograd saves for backward during one forward, each storage once, no weights."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen, total = set(), [0]
+
+    def pack(tensor):
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer not in seen and pointer not in weights:
+            seen.add(pointer)
+            total[0] += tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(tokens[:, :-1], tokens[:, 1:])
+    loss.backward()
+    return total[0]
+
+
+def _measure(rank, world_size, sequence_parallel, checkpointed):
+    from megapico.parallel import ParallelState
+
+    group = ParallelState.build(world_size).tp_group if world_size > 1 else None
+    torch.manual_seed(42)
+    model = PicoDecoder(CONFIG, group, sequence_parallel=sequence_parallel)
+    if checkpointed:
+        apply_activation_checkpointing(model, ActivationCheckpointingConfig(mode="full"))
+    tokens = torch.randint(0, CONFIG.vocab_size, (MICRO, SEQ + 1), generator=torch.Generator().manual_seed(0))
+    return saved_bytes(model, tokens)
+
+
+@pytest.mark.parametrize("tp,sequence_parallel,checkpointed", [(1, False, False), (2, False, False),
+                                                               (2, True, False), (1, False, True)])
+def test_activation_estimate_within_15_percent_of_the_saved_bytes(tp, sequence_parallel, checkpointed, tmp_path):
+    measured = (_measure(0, 1, False, checkpointed) if tp == 1 else
+                run_distributed(_measure, tp, sequence_parallel, checkpointed, tmp_path=tmp_path))
+    estimate = activation_bytes(CONFIG, MICRO, SEQ, tp, "fp32", sequence_parallel, checkpointed)
+    assert abs(estimate - measured) <= 0.15 * measured, (estimate, measured)
