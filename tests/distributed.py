@@ -33,7 +33,7 @@ def run_distributed(fn, world_size, *args, tmp_path):
     return torch.load(result_path, weights_only=False)
 
 
-def _unfused_head(x, weight, labels, group, chunk_tokens):
+def _unfused_head(x, weight, labels, group, chunk_tokens, compiled):
     """pico's loss head as written (TP=1): fp32 logits of every token, then the mean cross-entropy."""
     import torch.nn.functional as F
 

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, models
 
 from megapico.convert import hf_export
-from megapico.convert.checkpoint_reader import load_checkpoint
+from megapico.convert.checkpoint_reader import CheckpointError, load_checkpoint
+from megapico.convert.convert import export_checkpoint
 from megapico.data.builders import build_dataset
 from megapico.model import PicoDecoder
 from megapico.training.learning_dynamics import SUFFIXES, capture_learning_dynamics, fixed_batch
@@ -184,3 +185,44 @@ def test_conversion_errors(run, tmp_path, capsys, monkeypatch):
     code, err = convert(run / "checkpoints" / "latest")
     assert code == 1 and "already exists (pass --overwrite" in err
     assert convert(run / "checkpoints" / "latest", "--overwrite")[0] == 0
+
+
+def test_converter_checks_generation_with_the_cache(run, tmp_path, monkeypatch):
+    """An export with a classic cache bug (SDPA's is_causal with one query against the whole cache aligns the mask
+    top-left, so the new token sees only the first key) passes the logits check (no cache there) but not the
+    generation check, and nothing is written. The q/k weights are scaled up so that attention is peaked (after 3
+    steps from init it is near-uniform, and which keys it sees barely matters)."""
+    checkpoint = load_checkpoint(run / "checkpoints" / "latest")
+    for key, value in checkpoint.state_dict.items():
+        if key.endswith(("q_proj.weight", "k_proj.weight")):
+            checkpoint.state_dict[key] = value * 8
+    assert export_checkpoint(checkpoint, tmp_path / "good") <= 1e-4  # the real file passes
+    source = hf_export.MODELLING_FILE.read_text()
+    broken = tmp_path / "pico_decoder_hf.py"
+    broken.write_text(source.replace("is_causal=seq > 1", "is_causal=True"))
+    assert broken.read_text() != source
+    monkeypatch.setattr(hf_export, "MODELLING_FILE", broken)
+    with pytest.raises(CheckpointError, match=r"greedy generate \(use_cache=True\)"):
+        export_checkpoint(checkpoint, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_generate_tool_from_a_tp2_dp2_checkpoint_equals_the_hf_export(run, tmp_path, capsys):
+    from generate import main as generate_main
+
+    step = run / "checkpoints" / "step_3"
+    assert to_hf_main(["--checkpoint", str(step), "--output", str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    texts = {}
+    for source in (["--checkpoint", str(step)], ["--hf", str(tmp_path / "hf")]):
+        assert generate_main([*source, "--prompt", "The river", "--max-new-tokens", "12"]) == 0
+        texts[source[0]] = capsys.readouterr().out
+    assert texts["--checkpoint"] == texts["--hf"] and texts["--checkpoint"].startswith("The river")
+    assert generate_main(["--checkpoint", str(step), "--prompt", "The river", "--temperature", "0.9", "--top-p",
+                          "0.9", "--seed", "1"]) == 0
+    sampled = capsys.readouterr().out
+    assert generate_main(["--checkpoint", str(step), "--prompt", "The river", "--temperature", "0.9", "--top-p",
+                          "0.9", "--seed", "1"]) == 0
+    assert capsys.readouterr().out == sampled  # seeded
+    assert generate_main(["--checkpoint", str(tmp_path / "missing"), "--prompt", "x"]) == 1
+    assert "no such checkpoint" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from megapico.convert.checkpoint_reader import CheckpointError, LoadedCheckpoint, load_checkpoint
+from megapico.convert.generate import reference_greedy
 from megapico.convert.hf_export import write_llama, write_pico_hf
 from megapico.model import PicoDecoder
 from megapico.training.learning_dynamics import SUFFIXES
@@ -40,7 +41,8 @@ def replacing_directory(output: Path, overwrite: bool) -> Iterator[Path]:
 
 @torch.no_grad()
 def verification_gap(out_dir: Path, checkpoint: LoadedCheckpoint, fmt: str) -> float:
-    """Max |logit difference| between the written model (loaded by transformers) and megapico's."""
+    """Max |logit difference| between the written model (loaded by transformers) and megapico's; then greedy
+    generation, with and without the KV cache, must give megapico's own greedy tokens (up to near-ties)."""
     from transformers import AutoModelForCausalLM
 
     model_config = checkpoint.config.model
@@ -50,7 +52,34 @@ def verification_gap(out_dir: Path, checkpoint: LoadedCheckpoint, fmt: str) -> f
                                                     dtype=torch.float32)
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, model_config.vocab_size, (2, min(64, model_config.max_seq_len)), generator=generator)
-    return (exported(input_ids).logits.float() - reference(input_ids)).abs().max().item()
+    gap = (exported(input_ids).logits.float() - reference(input_ids)).abs().max().item()
+    if gap <= TOLERANCE:
+        check_generation(exported, reference, input_ids[:, :min(8, model_config.max_seq_len // 2)], checkpoint, fmt)
+    return gap
+
+
+def check_generation(exported, reference: PicoDecoder, prompt: torch.Tensor, checkpoint: LoadedCheckpoint,  # noqa: ANN001
+                     fmt: str) -> None:
+    """Greedy generate, with and without the KV cache: at every step its logits equal megapico's for the same
+    prefix (within TOLERANCE) and it picks the same token, unless the two best are a near-tie (then the
+    sequences may part, and the comparison of that row ends)."""
+    new_tokens = min(8, checkpoint.config.model.max_seq_len - prompt.shape[1])
+    expected, step_logits = reference_greedy(reference, prompt, new_tokens)
+    for use_cache in (True, False):
+        out = exported.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                                min_new_tokens=new_tokens, do_sample=False, use_cache=use_cache, pad_token_id=0,
+                                return_dict_in_generate=True, output_logits=True)
+        for row, (got, want) in enumerate(zip(out.sequences[:, prompt.shape[1]:].tolist(), expected, strict=True)):
+            for step, (token, wanted) in enumerate(zip(got, want, strict=True)):
+                gap = (out.logits[step][row].float() - step_logits[step][row]).abs().max().item()
+                logits = step_logits[step][row]
+                tie = (logits[wanted] - logits[token]).abs().item() <= 2 * TOLERANCE
+                if gap > TOLERANCE or (token != wanted and not tie):
+                    raise CheckpointError(f"{checkpoint.directory}: verification failed, the {fmt} export's greedy "
+                                          f"generate (use_cache={use_cache}) gives {got} where megapico gives {want} "
+                                          f"(step {step}: max |logit difference| {gap:.2e}); nothing written")
+                if token != wanted:
+                    break
 
 
 def export_checkpoint(checkpoint: LoadedCheckpoint, output: Path, fmt: str = "pico", tokenizer: str | None = None,
