@@ -9,6 +9,7 @@ Any config value can be overridden as section.key=value; the resolved config is 
 import argparse
 import sys
 
+from megapico.checkpoint.training_state import CheckpointIntegrityError
 from megapico.config import ConfigError, load_config
 from megapico.data.indexed_dataset import DataError
 from megapico.parallel import LaunchError
@@ -25,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         from megapico.training.trainer import pretrain  # deepspeed is imported only once the config is valid
 
         pretrain(config)
-    except (ConfigError, DataError, LaunchError, FileNotFoundError) as err:
+    except (ConfigError, DataError, LaunchError, CheckpointIntegrityError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     return 0

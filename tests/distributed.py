@@ -43,13 +43,39 @@ def _unfused_head(x, weight, labels, group, chunk_tokens, compiled):
 
 
 def _inject(fault):
-    """Test variants: a NaN loss at the 2nd training forward, a crash inside the 2nd checkpoint save, or pico's
-    unfused loss head in place of the fused one."""
+    """Test variants: a NaN loss at the 2nd training forward, a crash inside the 2nd checkpoint save or the 2nd
+    manifest write, SIGTERM to rank 1 during step 3, or pico's unfused loss head in place of the fused one."""
     import deepspeed
 
     from megapico.model import PicoDecoder, pico_decoder
 
-    if fault == "unfused_head":
+    if fault == "sigterm_on_rank_1_at_step_3":  # what a cluster does before preemption, to one rank only
+        import os
+        import signal
+
+        forward, calls = PicoDecoder.forward, []
+
+        def signalling_forward(self, input_ids, labels=None):
+            if labels is not None and torch.is_grad_enabled():
+                calls.append(1)
+                if len(calls) == 3 and os.environ["RANK"] == "1":
+                    os.kill(os.getpid(), signal.SIGTERM)
+            return forward(self, input_ids, labels)
+
+        PicoDecoder.forward = signalling_forward
+    elif fault == "crash_in_second_manifest":
+        from megapico.checkpoint import training_state
+
+        write, calls = training_state.write_manifest, []
+
+        def crashing_write(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("killed while writing the manifest")
+            return write(*args, **kwargs)
+
+        training_state.write_manifest = crashing_write
+    elif fault == "unfused_head":
         pico_decoder.vocab_parallel_linear_cross_entropy = _unfused_head
     elif fault == "nan_at_step_2":
         forward, calls = PicoDecoder.forward, []

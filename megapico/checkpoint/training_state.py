@@ -2,9 +2,15 @@
 
 Layout: runs/{run}/checkpoints/step_{N}/ holds DeepSpeed's files (mp_rank_XX_model_states.pt,
 [bf16_]zero_pp_rank_D_mp_rank_XX_optim_states.pt), megapico_state.json (step, consumed samples, layout, tokenizer),
-config.yaml and rng_rank{R}.pt for every rank. `checkpoints/latest` (DeepSpeed's tag file) is replaced
-atomically by rank 0 only after a barrier that every rank reaches once its files are written, so a run
-killed during a save resumes from the previous complete checkpoint.
+config.yaml, rng_rank{R}.pt for every rank (tensors and numbers only: loads with weights_only=True) and
+manifest.json (every file's size and sha256, megapico/checkpoint/manifest.py). The manifest is written once
+every rank has finished, and only then does rank 0 replace `checkpoints/latest` (DeepSpeed's tag file)
+atomically, so a run killed during a save resumes from the previous complete checkpoint.
+
+Resume (checkpointing.resume): `auto` takes `latest` if it verifies, else the newest earlier checkpoint that does
+(each failure reported with the file named), else starts fresh when there was none; `true` needs `latest` to
+verify; `step_N` needs that one; `false` starts fresh. A checkpoint is verified before any of its (pickled,
+code-executing) DeepSpeed files is opened: sizes always, sha256 too unless checkpointing.verify=size.
 """
 
 import json
@@ -17,10 +23,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megapico.checkpoint.manifest import verify_checkpoint, write_manifest
 from megapico.config import MegapicoConfig, save_config
 from megapico.parallel import ParallelState, agree_across_ranks
 
 STATE_FILE = "megapico_state.json"
+
+
+class CheckpointIntegrityError(RuntimeError):
+    """No checkpoint that may be resumed; raised on every rank with the same one-line message."""
 
 
 @dataclass
@@ -31,6 +42,8 @@ class ResumePoint:
     tensor_parallel_size: int
     data_parallel_size: int
     bf16: bool
+    verified_files: int = 0
+    rejected: tuple[str, ...] = ()  # newer checkpoints that failed verification, with the reason
 
 
 def checkpoint_root(config: MegapicoConfig) -> Path:
@@ -38,15 +51,21 @@ def checkpoint_root(config: MegapicoConfig) -> Path:
 
 
 def _rng_state() -> dict:
-    state = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state())
+    """Every generator's state as tensors and numbers (torch.load(weights_only=True) takes it back)."""
+    version, python_state, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    state = dict(python_version=version, python=torch.tensor(python_state, dtype=torch.int64), python_gauss=gauss,
+                 numpy_kind=kind, numpy=torch.from_numpy(keys.astype(np.int64)), numpy_position=int(position),
+                 numpy_has_gauss=int(has_gauss), numpy_cached=float(cached), torch=torch.get_rng_state())
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    random.setstate((state["python_version"], tuple(state["python"].tolist()), state["python_gauss"]))
+    np.random.set_state((state["numpy_kind"], state["numpy"].numpy().astype(np.uint32), state["numpy_position"],
+                         state["numpy_has_gauss"], state["numpy_cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -65,7 +84,9 @@ def save_training_checkpoint(engine, config: MegapicoConfig, parallel: ParallelS
                      bf16=bool(engine.bfloat16_enabled()))
         (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
         save_config(config, directory / "config.yaml")
-    dist.barrier()  # every rank's files are on disk before `latest` may point at them
+    dist.barrier()  # every rank's files are on disk before they are hashed
+    write_manifest(directory, parallel.tp_size)  # collective; `latest` may point here only once it exists
+    dist.barrier()
     if dist.get_rank() == 0:
         tmp = root / f"latest.tmp-{os.getpid()}"
         tmp.write_text(tag)
@@ -74,40 +95,70 @@ def save_training_checkpoint(engine, config: MegapicoConfig, parallel: ParallelS
     return directory
 
 
-def find_resume_point(config: MegapicoConfig) -> ResumePoint | None:
-    """The checkpoint `latest` names, per checkpointing.resume (auto / true / false)."""
-    mode = config.checkpointing.resume
-    root = checkpoint_root(config)
-    latest = root / "latest"
+def _step(tag: str) -> int:
+    return int(tag.removeprefix("step_")) if tag.removeprefix("step_").isdigit() else -1
+
+
+def _candidates(config: MegapicoConfig) -> list[str]:
+    """Tags to try, best first: the one checkpointing.resume names, or `latest` then every older step_N."""
+    mode, root = config.checkpointing.resume, checkpoint_root(config)
     if mode == "false":
-        return None
-    if not latest.is_file():
-        if mode == "true":
-            raise FileNotFoundError(f"{latest}: no checkpoint to resume from (checkpointing.resume=true); "
-                                    f"use resume=auto to start fresh when there is none")
-        return None
-    tag = latest.read_text().strip()
-    state_path = root / tag / STATE_FILE
-    if not state_path.is_file():
-        raise FileNotFoundError(f"{state_path}: missing, checkpoint {root / tag} is incomplete; point "
-                                f"{latest} at an earlier step_N")
-    state = json.loads(state_path.read_text())
-    return ResumePoint(state["step"], state["consumed_samples"], tag, state["tensor_parallel_size"],
-                       state["data_parallel_size"], state["bf16"])
+        return []
+    if mode.startswith("step_"):
+        return [mode]
+    latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+    if mode == "true":
+        return [latest] if latest else []
+    older = sorted((path.name for path in root.glob("step_*") if path.is_dir() and path.name != latest
+                    and (latest is None or _step(path.name) < _step(latest))), key=_step, reverse=True)
+    return ([latest] if latest else []) + older
+
+
+def _point(directory: Path, tag: str) -> ResumePoint | str:
+    try:
+        state = json.loads((directory / STATE_FILE).read_text())
+        return ResumePoint(state["step"], state["consumed_samples"], tag, state["tensor_parallel_size"],
+                           state["data_parallel_size"], state["bf16"])
+    except (OSError, json.JSONDecodeError, KeyError) as err:
+        return f"{directory / STATE_FILE}: unreadable ({type(err).__name__})"
 
 
 def agreed_resume_point(config: MegapicoConfig) -> ResumePoint | None:
-    """find_resume_point on every rank, then one small all-gather: ranks that see different checkpoints (a
-    node-local runs_dir, a `latest` that moved between reads) all stop with one error instead of one node
-    resuming while the other starts fresh."""
-    point = find_resume_point(config)
-    agree_across_ranks(f"the checkpoint to resume from in {checkpoint_root(config)} (checkpointing.runs_dir must "
-                       f"be on a filesystem that every node shares)", point.tag if point else "none")
-    return point
+    """The checkpoint to resume from, chosen identically on every rank (collective). Ranks that see different
+    checkpoints (a node-local runs_dir, a `latest` that moved between reads) all stop with one error instead of
+    one node resuming while the other starts fresh; a checkpoint that fails verification is skipped (auto) or
+    stops every rank with a CheckpointIntegrityError naming the file."""
+    root, mode = checkpoint_root(config), config.checkpointing.resume
+    tags = _candidates(config)
+    agree_across_ranks(f"the checkpoint to resume from in {root} (checkpointing.runs_dir must be on a filesystem "
+                       f"that every node shares)", tags[0] if tags else "none")
+    agree_across_ranks(f"the checkpoints in {root}", ",".join(tags))
+    rejected = []
+    for tag in tags:
+        directory = root / tag
+        point = _point(directory, tag) if directory.is_dir() else f"{directory}: no such checkpoint"
+        problem = point if isinstance(point, str) else verify_checkpoint(
+            directory, point.tensor_parallel_size, full_hash=config.checkpointing.verify == "hash")
+        if problem is None and json.loads((directory / "manifest.json").read_text())["kind"] != "full":
+            problem = f"{directory}: pruned by checkpointing.keep_last (only its HF export and learning dynamics)"
+        if problem is None:
+            point.verified_files = len(json.loads((directory / "manifest.json").read_text())["files"])
+            point.rejected = tuple(rejected)
+            return point
+        if mode != "auto":
+            raise CheckpointIntegrityError(f"cannot resume from {directory} (checkpointing.resume={mode}): {problem}")
+        rejected.append(f"{tag}: {problem}")
+    if mode == "true":
+        raise CheckpointIntegrityError(f"{root / 'latest'}: no checkpoint to resume from (checkpointing.resume=true); "
+                                       f"use resume=auto to start fresh when there is none")
+    if rejected:
+        raise CheckpointIntegrityError(f"no checkpoint in {root} verifies (newest: {rejected[0]}); move the damaged "
+                                       f"ones away or set checkpointing.resume=false to start over")
+    return None
 
 
 def restore_rng(config: MegapicoConfig, point: ResumePoint) -> None:
     """Each rank takes back its own RNG state when the layout is unchanged (it has no twin otherwise)."""
     path = checkpoint_root(config) / point.tag / f"rng_rank{dist.get_rank()}.pt"
     if path.is_file() and dist.get_world_size() == point.tensor_parallel_size * point.data_parallel_size:
-        _set_rng_state(torch.load(path, weights_only=False))
+        _set_rng_state(torch.load(path, weights_only=True))

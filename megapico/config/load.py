@@ -23,7 +23,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "training.precision": ("auto", "bf16-mixed", "bf16", "fp32"),
     "training.nan_policy": ("stop", "skip"),
     "training.activation_checkpointing.mode": ("none", "full", "selective"),
-    "checkpointing.resume": ("auto", "true", "false"),
+    "checkpointing.verify": ("hash", "size"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
 }
 
@@ -98,6 +98,9 @@ def validate_model(model: ModelConfig, parallel: ParallelConfig | None = None) -
 def validate_config(config: MegapicoConfig, world_size: int | None = None) -> None:
     """Cross-field checks, done once. With world_size, also the DP layout and the batch arithmetic."""
     validate_model(config.model, config.parallel)
+    resume = config.checkpointing.resume
+    if resume not in ("auto", "true", "false") and not (resume.startswith("step_") and resume[5:].isdigit()):
+        raise ConfigError(f"checkpointing.resume='{resume}' is not one of auto, true, false or step_N")
     for dotted, allowed in CHOICES.items():
         value = OmegaConf.select(OmegaConf.structured(config), dotted)
         if value not in allowed:

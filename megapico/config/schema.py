@@ -125,7 +125,11 @@ class CheckpointingConfig:
     runs_dir: str = "runs"
     save_interval: int = 1000
     resume: str = "auto"
-    """auto (resume when checkpoints/latest exists) | true (must resume) | false (start fresh)."""
+    """auto (latest, or the newest earlier checkpoint that verifies; fresh when there is none) | true (latest must
+    verify) | step_N (that checkpoint) | false (start fresh)."""
+    verify: str = "hash"
+    """How checkpoints are checked against their manifest before loading: hash (sizes + sha256) | size (sizes only,
+    for very large runs)."""
     learning_dynamics: LearningDynamicsConfig = field(default_factory=LearningDynamicsConfig)
 
 

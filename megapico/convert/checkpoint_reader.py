@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from megapico.checkpoint.manifest import verify_checkpoint
 from megapico.checkpoint.reshard import read_full_state
 from megapico.checkpoint.training_state import STATE_FILE
 from megapico.config import MegapicoConfig, load_config
@@ -44,12 +45,17 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
+def load_checkpoint(path: str | Path, verify_hash: bool = True) -> LoadedCheckpoint:
+    """The full fp32 state dict of a checkpoint, after checking it against its manifest (sizes, and sha256 unless
+    verify_hash=False)."""
     directory = resolve_checkpoint_dir(path)
     state_path = directory / STATE_FILE
     if not state_path.is_file():
         raise CheckpointError(f"{state_path}: missing; {directory} is not a complete megapico checkpoint")
     state = json.loads(state_path.read_text())
+    problem = verify_checkpoint(directory, state["tensor_parallel_size"], full_hash=verify_hash)
+    if problem is not None:  # before any of DeepSpeed's pickles is opened
+        raise CheckpointError(f"{directory} fails verification: {problem}")
     config = load_config(directory / "config.yaml")
     tp, dp, step = state["tensor_parallel_size"], state["data_parallel_size"], state["step"]
     model_files = sorted(directory.glob("mp_rank_*_model_states.pt"))

@@ -61,7 +61,7 @@ def all_gather_dim0(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.T
     if dist.get_backend(group) == "gloo":  # gloo implements only the list form
         dist.all_gather(list(out.chunk(size)), tensor, group=group)
     else:
-        dist.all_gather_into_tensor(out, tensor, group=group)
+        dist.all_gather_single(out, tensor, group=group)
     return out
 
 

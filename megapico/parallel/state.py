@@ -10,6 +10,7 @@ import datetime
 import os
 import re
 import socket
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,10 @@ def init_distributed(timeout_minutes: int = 30) -> None:
     `python` run becomes a world of one (DeepSpeed would otherwise go looking for MPI)."""
     if dist.is_initialized():
         return
+    # DeepSpeed's ZeRO calls torch's all_gather_into_tensor, which torch 2.13 deprecates with a FutureWarning on
+    # every rank and every run; megapico's own code calls all_gather_single. Silence exactly that message.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
     os.environ.update(launcher_environment(dict(os.environ)))
     os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
     if torch.cuda.is_available():

@@ -2,11 +2,15 @@
 
 Step losses stay on the device until a log line, an eval or a checkpoint reads them back, all at once.
 
-wandb metric names follow pico-train: train/loss, trainer/learning_rate, eval/<eval name>.
+wandb metric names follow pico-train: train/loss, trainer/learning_rate, eval/<eval name>; the same records go
+to runs/{run}/metrics.jsonl (one JSON object per step and per eval; tools/plot_run.py draws them). A run keeps
+one wandb run across launches (its id in runs/{run}/wandb_id.txt).
 """
 
 import dataclasses
 import json
+import os
+import secrets
 import time
 from pathlib import Path
 
@@ -17,9 +21,26 @@ from megapico.config import MegapicoConfig
 from megapico.parallel import ParallelState
 from megapico.training.metrics import peak_memory_gib, peak_tflops_per_device
 
+METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_id.txt"
+
+
+def keep_records_up_to(path: Path, step: int) -> None:
+    """Rewrite metrics.jsonl (atomically) without the records of steps after `step`."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
+
 
 class RunLogger:
-    def __init__(self, config: MegapicoConfig, run_dir: Path, parallel: ParallelState, flops_per_step: float) -> None:
+    """`start_step`: the step training (re)starts from; records of later steps left by an earlier launch (steps
+    that are about to be run again after a fall-back) are dropped from metrics.jsonl, so each step appears once."""
+
+    def __init__(self, config: MegapicoConfig, run_dir: Path, parallel: ParallelState, flops_per_step: float,
+                 start_step: int = 0) -> None:
         self.is_writer = dist.get_rank() == 0
         self.config, self.run_dir = config, run_dir
         self.flops_per_step, self.world = flops_per_step, dist.get_world_size()
@@ -28,13 +49,25 @@ class RunLogger:
         self.peak = peak_tflops_per_device()
         self.pending: list[tuple[int, torch.Tensor, float, int]] = []
         self.start_clock()
+        self.metrics_path = run_dir / METRICS_FILE
+        if self.is_writer:
+            keep_records_up_to(self.metrics_path, start_step)
         self.wandb = None
         if self.is_writer and config.logging.wandb_mode != "disabled":
             import wandb
 
+            id_path = run_dir / WANDB_ID_FILE  # one wandb run per training run, resumed by every launch
+            if not id_path.is_file():
+                id_path.write_text(secrets.token_hex(8))
             self.wandb = wandb.init(project=config.logging.wandb_project, entity=config.logging.wandb_entity or None,
                                     name=config.checkpointing.run_name, dir=str(run_dir),
-                                    mode=config.logging.wandb_mode, config=dataclasses.asdict(config))
+                                    id=id_path.read_text().strip(), resume="allow", mode=config.logging.wandb_mode,
+                                    config=dataclasses.asdict(config))
+
+    def _append(self, records: list[dict]) -> None:
+        if self.is_writer and records:
+            with open(self.metrics_path, "a") as handle:
+                handle.writelines(json.dumps(record) + "\n" for record in records)
 
     def start_clock(self) -> None:
         """Start timing training steps (after set-up, eval or a checkpoint, which tokens/s must not count)."""
@@ -56,15 +89,19 @@ class RunLogger:
                    for (record_step, _, lr, consumed), value in zip(self.pending, losses, strict=True)]
         self.pending = []
         norm = float(grad_norm) if grad_norm is not None else float("nan")
-        if self.wandb is not None:
-            for record_step, value, lr, consumed in records:
-                metrics = {"train/loss": value, "trainer/learning_rate": lr, "trainer/consumed_samples": consumed}
-                if record_step == step:
-                    metrics["trainer/grad_norm"] = norm
+        step_seconds = seconds / max(1, self.clock_steps)
+        rows = []
+        for record_step, value, lr, consumed in records:
+            metrics = {"train/loss": value, "trainer/learning_rate": lr, "trainer/consumed_samples": consumed}
+            if record_step == step and printing:
+                metrics.update({"trainer/grad_norm": norm, "trainer/tokens_per_second": self.tokens_per_step /
+                                step_seconds})
+            rows.append({"step": record_step, **metrics})
+            if self.wandb is not None:
                 self.wandb.log(metrics, step=record_step)
+        self._append(rows)
         if printing and self.is_writer and self.clock_steps:
             _, loss, lr, _ = records[-1]
-            step_seconds = seconds / self.clock_steps
             tflops = self.flops_per_step / step_seconds / self.world / 1e12
             mfu = f"{100 * tflops / self.peak:.1f}%" if self.peak else "n/a"
             print(f"step {step}/{self.config.training.max_steps} | loss {loss:.4f} | lr {lr:.3e} | grad norm "
@@ -81,6 +118,7 @@ class RunLogger:
         results = self.run_dir / "eval_results"
         results.mkdir(parents=True, exist_ok=True)
         (results / f"step_{step}.json").write_text(json.dumps({name: perplexity}))
+        self._append([{"step": step, f"eval/{name}": perplexity}])
         if self.wandb is not None:
             self.wandb.log({f"eval/{name}": perplexity}, step=step)
 

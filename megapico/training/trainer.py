@@ -38,6 +38,7 @@ from megapico.training.evaluation import evaluate_perplexity
 from megapico.training.learning_dynamics import fixed_batch, save_learning_dynamics
 from megapico.training.logger import RunLogger
 from megapico.training.metrics import flops_per_token
+from megapico.training.preemption import StopSignal
 from megapico.training.schedule import build_lr_scheduler, lr_at
 
 
@@ -109,6 +110,15 @@ def _resume(engine, scheduler, config: MegapicoConfig, parallel: ParallelState):
         for group in engine.optimizer.optimizer.param_groups:
             group["lr"] = lr_at(point.step, config.training)
     restore_rng(config, point)
+    if dist.get_rank() == 0:
+        for rejected in point.rejected:
+            print(f"warning: checkpoint {rejected}; falling back to an earlier one", flush=True)
+        before = f"TP={point.tensor_parallel_size} x DP={point.data_parallel_size}"
+        after = f"TP={parallel.tp_size} x DP={parallel.dp_size}"
+        print(f"resumed from {root / point.tag}: step {point.step}, {point.consumed_samples} consumed samples, layout "
+              f"{before} -> {after} ({'same layout' if before == after else 're-sharded'}), verified "
+              f"({'sizes + sha256' if config.checkpointing.verify == 'hash' else 'sizes'} of {point.verified_files} "
+              f"files)", flush=True)
     return point
 
 
@@ -154,7 +164,7 @@ def pretrain(config: MegapicoConfig) -> TrainResult:
     batches = iter(DataLoader(train_dataset, batch_sampler=sampler, collate_fn=collate_samples,
                               pin_memory=torch.cuda.is_available()))
     logger = RunLogger(config, run_dir, parallel, flops_per_token(config.model, data.seq_len) * global_batch *
-                       data.seq_len)
+                       data.seq_len, start_step)
 
     dynamics = config.checkpointing.learning_dynamics
     dynamics_batches = {"train": fixed_batch(train_dataset, dynamics.batch_size),
@@ -187,6 +197,7 @@ def pretrain(config: MegapicoConfig) -> TrainResult:
         result.perplexities[step] = perplexity
         logger.log_eval(step, perplexity)
 
+    stop = StopSignal()
     engine.train()
     if resumed is None and dynamics_batches:
         save_checkpoint(0)  # pico keeps the initial model and its learning dynamics as step_0
@@ -212,8 +223,9 @@ def pretrain(config: MegapicoConfig) -> TrainResult:
         logger.record_step(step, step_loss, scheduler.get_last_lr()[0], consumed)
         is_last = step == train.max_steps
         evaluating = (config.evaluation.interval and step % config.evaluation.interval == 0) or is_last
+        stop_reason = stop.agreed()
         exiting = bool(train.exit_interval) and step % train.exit_interval == 0
-        saving = step % config.checkpointing.save_interval == 0 or is_last or exiting
+        saving = step % config.checkpointing.save_interval == 0 or is_last or exiting or stop_reason is not None
         printing = step % config.logging.log_interval == 0 or is_last or step == start_step + 1
         if printing or evaluating or saving:
             result.losses.update(logger.flush(step, engine.get_global_grad_norm(), printing))
@@ -226,10 +238,15 @@ def pretrain(config: MegapicoConfig) -> TrainResult:
             save_checkpoint(step)
         if evaluating or saving:
             logger.start_clock()  # tokens/s counts training steps only
+        if stop_reason is not None and not is_last:
+            logger.warn(f"step {step}: {stop_reason} received; checkpoint of step {step} saved, exiting (rerun the "
+                        f"same command to resume)")
+            break
         if exiting and not is_last:
             logger.warn(f"step {step}: training.exit_interval={train.exit_interval} reached; checkpoint saved, "
                         f"exiting (rerun the same command to resume)")
             break
+    stop.restore()
     result.losses.update(logger.flush(None, None, printing=False))
     logger.finish()
     return result

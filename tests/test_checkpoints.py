@@ -1,0 +1,134 @@
+"""Checkpoints that can be trusted: manifests, verification before loading, fall-back, explicit resume errors on
+every rank, graceful stop on SIGTERM, one run record (metrics.jsonl, one wandb run) across launches."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+from conftest import training_overrides as overrides
+from distributed import train
+
+from megapico.checkpoint.manifest import read_manifest, sha256_of
+from megapico.parallel import free_port
+
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def reference(sample_prefix, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    return train(1, overrides(sample_prefix, tmp), tmp)
+
+
+@pytest.fixture(scope="module")
+def stopped_at_4(sample_prefix, tmp_path_factory):
+    """A run saved at steps 2 and 4 that stopped at 4 (exit_interval)."""
+    tmp = tmp_path_factory.mktemp("stopped")
+    train(1, overrides(sample_prefix, tmp, **{"checkpointing.save_interval": 2, "training.exit_interval": 4}), tmp)
+    return tmp
+
+
+def test_manifest_lists_every_file_with_size_and_sha256(stopped_at_4):
+    step = stopped_at_4 / "runs" / "megapico-run" / "checkpoints" / "step_4"
+    manifest = read_manifest(step)
+    files = sorted(str(p.relative_to(step)) for p in step.rglob("*") if p.is_file() and p.name != "manifest.json")
+    assert manifest["kind"] == "full" and sorted(manifest["files"]) == files
+    assert {"megapico_state.json", "config.yaml", "rng_rank0.pt", "mp_rank_00_model_states.pt"} <= set(files)
+    for name, entry in manifest["files"].items():
+        assert entry == {"bytes": (step / name).stat().st_size, "sha256": sha256_of(step / name)}
+    rng = torch.load(step / "rng_rank0.pt", weights_only=True)  # no pickled objects in megapico's own files
+    assert set(rng) >= {"python", "numpy", "torch"}
+
+
+def _damage(path, how):
+    if how == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif how == "bit-flipped":
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        path.write_bytes(bytes(data))
+    else:
+        path.unlink()
+
+
+@pytest.mark.parametrize("how,expected", [("truncated", "bytes, the manifest says"),
+                                          ("bit-flipped", "sha256 differs from the manifest"),
+                                          ("missing", "missing")])
+def test_damaged_latest_falls_back_and_training_matches_an_uninterrupted_run(
+        sample_prefix, stopped_at_4, reference, tmp_path, capfd, how, expected):
+    shutil.copytree(stopped_at_4 / "runs", tmp_path / "runs")
+    checkpoints = tmp_path / "runs" / "megapico-run" / "checkpoints"
+    damaged = checkpoints / "step_4" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    _damage(damaged, how)
+    capfd.readouterr()
+    resumed = train(1, overrides(sample_prefix, tmp_path, **{"checkpointing.save_interval": 2}), tmp_path)
+    out = capfd.readouterr().out
+    assert resumed["resumed_from"] == 2
+    assert f"warning: checkpoint step_4: {damaged}" in out and expected in out
+    assert f"resumed from {checkpoints / 'step_2'}: step 2" in out
+    assert resumed["losses"] == {s: reference["losses"][s] for s in (3, 4, 5)}  # bit for bit
+    records = [json.loads(line) for line in (tmp_path / "runs" / "megapico-run" / "metrics.jsonl").open()]
+    train_steps = [r["step"] for r in records if "train/loss" in r]
+    assert train_steps == [1, 2, 3, 4, 5]  # steps 3-4 of the first launch were replaced, not duplicated
+
+
+def test_explicitly_named_damaged_checkpoint_is_a_one_line_error_on_every_rank(sample_prefix, stopped_at_4,
+                                                                                tmp_path):
+    shutil.copytree(stopped_at_4 / "runs", tmp_path / "runs")
+    step_4 = tmp_path / "runs" / "megapico-run" / "checkpoints" / "step_4"
+    _damage(step_4 / "mp_rank_00_model_states.pt", "truncated")
+    settings = overrides(sample_prefix, tmp_path, **{"checkpointing.resume": "step_4", "training.micro_batch_size": 2})
+    port = str(free_port())
+    ranks = [subprocess.Popen([sys.executable, str(REPO / "pretrain.py"), *settings], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}) for rank in range(2)]
+    results = [rank.communicate(timeout=300) for rank in ranks]  # no hang: both return on their own
+    for process, (_, stderr) in zip(ranks, results, strict=True):
+        assert process.returncode == 1 and "Traceback" not in stderr
+        errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+        damaged = step_4 / "mp_rank_00_model_states.pt"
+        assert len(errors) == 1 and errors[0].startswith(
+            f"error: cannot resume from {step_4} (checkpointing.resume=step_4): {damaged}: ")
+
+
+def test_a_kill_while_writing_the_manifest_leaves_latest_on_the_previous_checkpoint(sample_prefix, tmp_path,
+                                                                                     reference):
+    settings = overrides(sample_prefix, tmp_path, **{"checkpointing.save_interval": 2})
+    with pytest.raises(Exception, match="killed while writing the manifest"):
+        train(1, settings, tmp_path, fault="crash_in_second_manifest")
+    checkpoints = tmp_path / "runs" / "megapico-run" / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_2" and read_manifest(checkpoints / "step_4") is None
+    resumed = train(1, settings, tmp_path)
+    assert resumed["resumed_from"] == 2 and resumed["losses"] == {s: reference["losses"][s] for s in (3, 4, 5)}
+
+
+def test_sigterm_saves_the_step_exits_cleanly_and_resumes_exactly(sample_prefix, tmp_path, capfd):
+    """SIGTERM reaches rank 1 only, during step 3: both ranks stop after step 3, save it, and return normally."""
+    settings = overrides(sample_prefix, tmp_path, **{"training.micro_batch_size": 2})
+    first = train(2, settings, tmp_path, fault="sigterm_on_rank_1_at_step_3")
+    assert sorted(first["losses"]) == [1, 2, 3]
+    assert "step 3: a signal on another rank received; checkpoint of step 3 saved" in capfd.readouterr().out
+    checkpoints = tmp_path / "runs" / "megapico-run" / "checkpoints"
+    assert (checkpoints / "latest").read_text() == "step_3"
+    resumed = train(2, settings, tmp_path)
+    uninterrupted = train(2, overrides(sample_prefix, tmp_path / "whole", **{"training.micro_batch_size": 2}),
+                          tmp_path)
+    assert resumed["resumed_from"] == 3
+    assert {**first["losses"], **resumed["losses"]} == uninterrupted["losses"]
+
+
+def test_one_wandb_run_across_launches(sample_prefix, tmp_path):
+    settings = {"logging.wandb_mode": "offline", "training.exit_interval": 3}
+    train(1, overrides(sample_prefix, tmp_path, **settings), tmp_path)
+    train(1, overrides(sample_prefix, tmp_path, **settings), tmp_path)
+    run = tmp_path / "runs" / "megapico-run"
+    run_id = (run / "wandb_id.txt").read_text()
+    launches = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(launches) == 2 and all(path.name.endswith(f"-{run_id}") for path in launches)
