@@ -23,9 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_config(args.config, args.overrides)
+        from megapico.convert.retention import retention_hook
         from megapico.training.trainer import pretrain  # deepspeed is imported only once the config is valid
 
-        pretrain(config)
+        pretrain(config, after_checkpoint=retention_hook(config))
     except (ConfigError, DataError, LaunchError, CheckpointIntegrityError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

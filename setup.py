@@ -26,6 +26,7 @@ setup(
         "pyarrow>=15",
         "zstandard>=0.22",
         "psutil>=5.9",
+        "matplotlib>=3.8",  # tools/plot_run.py
     ],
     extras_require={"test": ["pytest>=8", "ruff>=0.6"]},
 )

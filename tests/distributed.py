@@ -119,7 +119,10 @@ def _train(rank, world_size, overrides, capture, fault=None):
         return engine, scheduler
 
     trainer.build_engine = recording_build
-    result = trainer.pretrain(load_config(None, overrides))
+    from megapico.convert.retention import retention_hook
+
+    config = load_config(None, overrides)
+    result = trainer.pretrain(config, after_checkpoint=retention_hook(config))
     facts = {}
     if capture == "zero_partition":
         optimizer = engines[0].optimizer

@@ -132,3 +132,49 @@ def test_one_wandb_run_across_launches(sample_prefix, tmp_path):
     run_id = (run / "wandb_id.txt").read_text()
     launches = sorted((run / "wandb").glob("offline-run-*"))
     assert len(launches) == 2 and all(path.name.endswith(f"-{run_id}") for path in launches)
+
+
+def test_keep_last_2_prunes_older_checkpoints_and_the_run_still_converts_for_every_step(sample_prefix, tmp_path,
+                                                                                        capfd):
+    from convert_to_hf import main as to_hf_main
+    from safetensors.torch import load_file
+
+    train(1, overrides(sample_prefix, tmp_path, **{
+        "checkpointing.save_interval": 1, "checkpointing.keep_last": 2, "evaluation.interval": 1,
+        "checkpointing.learning_dynamics.enabled": True, "checkpointing.learning_dynamics.batch_size": 4}), tmp_path)
+    out = capfd.readouterr().out
+    run = tmp_path / "runs" / "megapico-run"
+    kinds = {step: read_manifest(run / "checkpoints" / f"step_{step}")["kind"] for step in range(STEPS + 1)}
+    assert kinds == {0: "pruned", 1: "pruned", 2: "pruned", 3: "pruned", 4: "full", 5: "full"}
+    for step in range(4):
+        directory = run / "checkpoints" / f"step_{step}"
+        assert not list(directory.glob("*zero_pp_rank_*")) and not list(directory.glob("mp_rank_*"))
+        assert (directory / "hf" / "model.safetensors").is_file()
+        assert (directory / "learning_dynamics" / "train_gradients.pt").is_file()
+        assert f"checkpoint step_{step} pruned (checkpointing.keep_last=2): " in out
+    assert f"checkpoint {run / 'checkpoints' / 'step_5'}: " in out and " MiB" in out  # the disk used, per save
+    assert to_hf_main(["--run-dir", str(run), "--output", str(tmp_path / "pico")]) == 0
+    for step in range(STEPS + 1):
+        exported = tmp_path / "pico" / "megapico-run" / "checkpoints" / f"step_{step}"
+        assert (exported / "learning_dynamics" / "val_weights.pt").is_file()
+        weights = load_file(exported / "model.safetensors")
+        assert weights["pico_decoder.output_norm.weight"].dtype == torch.float32
+    step_1 = load_file(run / "checkpoints" / "step_1" / "hf" / "model.safetensors")
+    step_4 = load_file(tmp_path / "pico" / "megapico-run" / "checkpoints" / "step_4" / "model.safetensors")
+    assert not torch.equal(step_1["pico_decoder.output_norm.weight"], step_4["pico_decoder.output_norm.weight"])
+
+
+def test_plot_run_draws_the_metrics_record(sample_prefix, tmp_path, capsys):
+    from plot_run import main as plot_main
+
+    train(1, overrides(sample_prefix, tmp_path, **{"evaluation.interval": 2}), tmp_path)
+    run = tmp_path / "runs" / "megapico-run"
+    records = [json.loads(line) for line in (run / "metrics.jsonl").open()]
+    assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in records if "eval/paloma" in r] == [2, 4, 5]
+    assert all("trainer/grad_norm" in r and "trainer/tokens_per_second" in r for r in records if r["step"] == 5
+               and "train/loss" in r)
+    assert plot_main([str(run)]) == 0
+    assert (run / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_main([str(tmp_path / "nothing")]) == 1
+    assert "metrics.jsonl: no metrics record" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from distributed import train
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models
 
+from megapico.checkpoint.manifest import write_manifest
 from megapico.convert import hf_export
 from megapico.convert.checkpoint_reader import CheckpointError, load_checkpoint
 from megapico.convert.convert import export_checkpoint
@@ -150,12 +151,18 @@ def test_conversion_errors(run, tmp_path, capsys, monkeypatch):
 
     broken = _copy_step(run, tmp_path, 3)
     (broken / "zero_pp_rank_1_mp_rank_01_optim_states.pt").unlink()
+    assert f"step_3 fails verification: {broken / 'zero_pp_rank_1_mp_rank_01_optim_states.pt'}: missing" in \
+        convert(broken)[1]  # the manifest catches it before any file is opened
+    write_manifest(broken, 2)  # a manifest re-made after the damage: the layout checks still catch it
     assert "3 ZeRO shards, TP=2 x DP=2 needs 4" in convert(broken)[1]
     broken = _copy_step(run, tmp_path / "b", 3)
     (broken / "mp_rank_01_model_states.pt").unlink()
+    write_manifest(broken, 2)
     assert "missing TP shard 1 of 2" in convert(broken)[1]
     mixed = _copy_step(run, tmp_path / "c", 3)
     shutil.copyfile(run / "checkpoints" / "step_2" / "mp_rank_01_model_states.pt", mixed / "mp_rank_01_model_states.pt")
+    assert "mp_rank_01_model_states.pt: " in convert(mixed)[1]
+    write_manifest(mixed, 2)
     assert "from step 2, but the checkpoint is step 3" in convert(mixed)[1]
     stray = _copy_step(run, tmp_path / "d", 3)
     shutil.copyfile(stray / "mp_rank_00_model_states.pt", stray / "mp_rank_02_model_states.pt")
@@ -164,6 +171,7 @@ def test_conversion_errors(run, tmp_path, capsys, monkeypatch):
     weights_only = _copy_step(run, tmp_path / "e", 3)
     for zero_file in weights_only.glob("zero_pp_rank_*"):
         zero_file.unlink()
+    write_manifest(weights_only, 2)
     checkpoint = load_checkpoint(weights_only)  # no ZeRO partitions: the module weights DeepSpeed saved per TP rank
     assert checkpoint.source.startswith("module weights")
     master = load_checkpoint(run / "checkpoints" / "step_3").state_dict

@@ -53,18 +53,21 @@ def _gather(entries: dict) -> dict:
     return {key: value for part in parts for key, value in part.items()}
 
 
-def _files(directory: Path) -> list[str]:
+def directory_files(directory: Path) -> list[str]:
     return sorted(str(path.relative_to(directory)) for path in directory.rglob("*")
                   if path.is_file() and path.name != MANIFEST and ".tmp-" not in path.name)
 
 
-def write_manifest(directory: Path, tp_size: int, kind: str = "full") -> dict:
-    """Hash this rank's share of the files in `directory`, gather, and (rank 0) write manifest.json. Collective.
-    kind: "full" (DeepSpeed state, resumable) or "pruned" (HF export + learning dynamics only)."""
-    rank, world = _world()
+def write_manifest(directory: Path, tp_size: int, kind: str = "full", collective: bool = True,
+                   files: list[str] | None = None) -> dict:
+    """Hash this rank's share of `files` (default: every file in `directory`), gather, and (rank 0) write
+    manifest.json. Collective unless collective=False (one process hashes everything). kind: "full" (DeepSpeed
+    state, resumable) or "pruned" (HF export + learning dynamics only)."""
+    rank, world = _world() if collective else (0, 1)
+    names = directory_files(directory) if files is None else files
     mine = {name: {"bytes": (directory / name).stat().st_size, "sha256": sha256_of(directory / name)}
-            for name in _files(directory) if owner_rank(Path(name).name, tp_size, world) == rank}
-    manifest = {"kind": kind, "files": dict(sorted(_gather(mine).items()))}
+            for name in names if owner_rank(Path(name).name, tp_size, world) == rank}
+    manifest = {"kind": kind, "files": dict(sorted((_gather(mine) if collective else mine).items()))}
     if rank == 0:
         tmp = directory / f"{MANIFEST}.tmp-{os.getpid()}"
         tmp.write_text(json.dumps(manifest, indent=1))

@@ -119,6 +119,9 @@ def validate_config(config: MegapicoConfig, world_size: int | None = None) -> No
         raise ConfigError(f"parallel.sequence_parallel splits micro_batch_size x seq_len = "
                           f"{train.micro_batch_size * config.data.seq_len} tokens over tensor_parallel_size={tp}; "
                           f"pick sizes whose product it divides")
+    if config.checkpointing.keep_last < 0:
+        raise ConfigError(f"checkpointing.keep_last must be >= 0 (0 keeps every checkpoint), got "
+                          f"{config.checkpointing.keep_last}")
     if config.checkpointing.learning_dynamics.micro_batch_size < 1:
         raise ConfigError("checkpointing.learning_dynamics.micro_batch_size must be >= 1")
     if train.activation_checkpointing.every_n_layers < 1:

@@ -127,6 +127,9 @@ class CheckpointingConfig:
     resume: str = "auto"
     """auto (latest, or the newest earlier checkpoint that verifies; fresh when there is none) | true (latest must
     verify) | step_N (that checkpoint) | false (start fresh)."""
+    keep_last: int = 0
+    """Keep the full DeepSpeed state of only the newest K checkpoints (0 = all); older ones keep a verified HF export
+    and their learning dynamics (megapico/convert/retention.py), so the pico run directory still has every step."""
     verify: str = "hash"
     """How checkpoints are checked against their manifest before loading: hash (sizes + sha256) | size (sizes only,
     for very large runs)."""

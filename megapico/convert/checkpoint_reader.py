@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from megapico.checkpoint.manifest import verify_checkpoint
+from megapico.checkpoint.manifest import read_manifest, verify_checkpoint
 from megapico.checkpoint.reshard import read_full_state
 from megapico.checkpoint.training_state import STATE_FILE
 from megapico.config import MegapicoConfig, load_config
@@ -45,6 +45,22 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     return path
 
 
+PRUNED_EXPORT = "hf"  # what checkpointing.keep_last leaves of an old checkpoint: its verified pico HF export
+
+
+def is_pruned(directory: Path) -> bool:
+    manifest = read_manifest(directory)
+    return manifest is not None and manifest.get("kind") == "pruned"
+
+
+def checkpoint_config(directory: Path) -> tuple[MegapicoConfig, int]:
+    """(the run's config, sequences per optimizer step) from a checkpoint's own files, full or pruned."""
+    state = json.loads((directory / STATE_FILE).read_text())
+    config = load_config(directory / "config.yaml")
+    train = config.training
+    return config, train.micro_batch_size * train.gradient_accumulation_steps * state["data_parallel_size"]
+
+
 def load_checkpoint(path: str | Path, verify_hash: bool = True) -> LoadedCheckpoint:
     """The full fp32 state dict of a checkpoint, after checking it against its manifest (sizes, and sha256 unless
     verify_hash=False)."""
@@ -53,6 +69,9 @@ def load_checkpoint(path: str | Path, verify_hash: bool = True) -> LoadedCheckpo
     if not state_path.is_file():
         raise CheckpointError(f"{state_path}: missing; {directory} is not a complete megapico checkpoint")
     state = json.loads(state_path.read_text())
+    if is_pruned(directory):
+        raise CheckpointError(f"{directory}: pruned by checkpointing.keep_last; its weights are the verified HF export "
+                              f"in {directory / PRUNED_EXPORT}")
     problem = verify_checkpoint(directory, state["tensor_parallel_size"], full_hash=verify_hash)
     if problem is not None:  # before any of DeepSpeed's pickles is opened
         raise CheckpointError(f"{directory} fails verification: {problem}")
@@ -86,6 +105,4 @@ def load_checkpoint(path: str | Path, verify_hash: bool = True) -> LoadedCheckpo
     else:
         full = merge_tp_state_dicts(module_shards)
         source = "module weights (bf16 in a bf16 run; no ZeRO partitions found)"
-    train = config.training
-    return LoadedCheckpoint(directory, step, config, full, source,
-                            train.micro_batch_size * train.gradient_accumulation_steps * dp)
+    return LoadedCheckpoint(directory, step, config, full, source, checkpoint_config(directory)[1])

@@ -14,7 +14,15 @@ from pathlib import Path
 import torch
 import yaml
 
-from megapico.convert.checkpoint_reader import CheckpointError, LoadedCheckpoint, load_checkpoint
+from megapico.config import MegapicoConfig
+from megapico.convert.checkpoint_reader import (
+    PRUNED_EXPORT,
+    CheckpointError,
+    LoadedCheckpoint,
+    checkpoint_config,
+    is_pruned,
+    load_checkpoint,
+)
 from megapico.convert.generate import reference_greedy
 from megapico.convert.hf_export import write_llama, write_pico_hf
 from megapico.model import PicoDecoder
@@ -100,9 +108,8 @@ def export_checkpoint(checkpoint: LoadedCheckpoint, output: Path, fmt: str = "pi
     return gap
 
 
-def pico_training_config(checkpoint: LoadedCheckpoint) -> dict:
+def pico_training_config(config: MegapicoConfig, global_batch_size: int) -> dict:
     """training_config.yaml in pico-train's nested layout (pico-analyze reads model.* and checkpointing.*)."""
-    config = checkpoint.config
     train = config.training
     return {
         "checkpointing": {"run_name": config.checkpointing.run_name, "runs_dir": config.checkpointing.runs_dir,
@@ -111,7 +118,7 @@ def pico_training_config(checkpoint: LoadedCheckpoint) -> dict:
                           "learning_dynamics": {"batch_size": config.checkpointing.learning_dynamics.batch_size,
                                                 "layer_suffixes": list(SUFFIXES), "sequence_idx": -1}},
         "data": {"dataset": {"name": " ".join(config.data.train_data_path)},
-                 "dataloader": {"batch_size": checkpoint.global_batch_size},
+                 "dataloader": {"batch_size": global_batch_size},
                  "tokenizer": {"name": config.data.tokenizer, "vocab_size": config.model.vocab_size}},
         "model": {"model_type": "pico_decoder", **asdict(config.model)},
         "training": {"max_steps": train.max_steps,
@@ -134,23 +141,29 @@ def step_directories(run_dir: Path) -> list[Path]:
 
 def convert_run(run_dir: Path, output_root: Path, tokenizer: str | None = None, overwrite: bool = False,
                 verify: bool = True, progress=None) -> Path:  # noqa: ANN001
-    """Every checkpoint of a run -> {output_root}/{run_name}/ in pico's layout; returns that directory."""
+    """Every checkpoint of a run -> {output_root}/{run_name}/ in pico's layout; returns that directory. A checkpoint
+    pruned by checkpointing.keep_last contributes the verified HF export it kept."""
     steps = step_directories(run_dir)
-    first = load_checkpoint(steps[0])
-    target = output_root / first.config.checkpointing.run_name
+    config, global_batch = checkpoint_config(steps[0])
+    target = output_root / config.checkpointing.run_name
     output_root.mkdir(parents=True, exist_ok=True)
     with replacing_directory(target, overwrite) as tmp:
         (tmp / "checkpoints").mkdir(parents=True)
         for step_dir in (progress(steps) if progress else steps):
-            checkpoint = load_checkpoint(step_dir)
             out = tmp / "checkpoints" / step_dir.name
-            gap = export_checkpoint(checkpoint, out, "pico", tokenizer, verify=verify)
+            if is_pruned(step_dir):
+                shutil.copytree(step_dir / PRUNED_EXPORT, out)
+                note = f"the HF export kept when the checkpoint was pruned ({step_dir / PRUNED_EXPORT})"
+            else:
+                checkpoint = load_checkpoint(step_dir)
+                gap = export_checkpoint(checkpoint, out, "pico", tokenizer, verify=verify)
+                note = f"{checkpoint.source}; verified max |logit diff| {'skipped' if gap is None else f'{gap:.2e}'}"
             if (step_dir / "learning_dynamics").is_dir():
                 shutil.copytree(step_dir / "learning_dynamics", out / "learning_dynamics")
-            print(f"step {checkpoint.step}: {checkpoint.source}; verified max |logit diff| "
-                  f"{'skipped' if gap is None else f'{gap:.2e}'}", flush=True)
+            print(f"{step_dir.name}: {note}", flush=True)
         (tmp / "checkpoints" / "latest").symlink_to(steps[-1].name)
         if (run_dir / "eval_results").is_dir():
             shutil.copytree(run_dir / "eval_results", tmp / "eval_results")
-        (tmp / "training_config.yaml").write_text(yaml.safe_dump(pico_training_config(first), sort_keys=False))
+        (tmp / "training_config.yaml").write_text(yaml.safe_dump(pico_training_config(config, global_batch),
+                                                                 sort_keys=False))
     return target

@@ -5,6 +5,7 @@ fp32 master weights + Adam state over the data-parallel group only (it learns th
 """
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,7 +139,9 @@ def build_eval_dataset(config: MegapicoConfig, parallel: ParallelState):  # noqa
     return build_dataset(data.train_data_path, "valid", wanted, data.seq_len, data.seed, data.split, data.cache_dir)
 
 
-def pretrain(config: MegapicoConfig) -> TrainResult:
+def pretrain(config: MegapicoConfig, after_checkpoint: Callable[[Path], list[str]] | None = None) -> TrainResult:
+    """Train per `config`. after_checkpoint(checkpoints_root) runs on rank 0 after each checkpoint is complete (the
+    retention of checkpointing.keep_last, wired by pretrain.py) and returns lines to print."""
     init_distributed()
     world = dist.get_world_size()
     validate_config(config, world_size=world)
@@ -188,7 +191,13 @@ def pretrain(config: MegapicoConfig) -> TrainResult:
             save_learning_dynamics(engine.module, fp32_weights(engine), dynamics_batches,
                                    checkpoint_root(config) / f"step_{step}" / "learning_dynamics",
                                    dynamics.micro_batch_size, parallel.dp_rank, engine.device)
-        save_training_checkpoint(engine, config, parallel, step, consumed)
+        directory = save_training_checkpoint(engine, config, parallel, step, consumed)
+        if dist.get_rank() == 0:
+            size = sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+            print(f"checkpoint {directory}: {size / 2**20:,.1f} MiB", flush=True)
+            for line in after_checkpoint(checkpoint_root(config)) if after_checkpoint else []:
+                print(line, flush=True)
+        dist.barrier()
 
     def run_eval(step: int) -> None:
         with autocast():
