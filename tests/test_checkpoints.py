@@ -178,3 +178,36 @@ def test_plot_run_draws_the_metrics_record(sample_prefix, tmp_path, capsys):
     assert (run / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_main([str(tmp_path / "nothing")]) == 1
     assert "metrics.jsonl: no metrics record" in capsys.readouterr().err
+
+
+def test_sigterm_to_the_deepspeed_job_saves_and_exits_within_its_grace(sample_prefix, tmp_path):
+    """What a cluster does on preemption: SIGTERM to the job's processes (`deepspeed`, its launch.py, which passes
+    it on and kills 30 s later, and the ranks). Both ranks finish their step, save it and exit well inside the
+    grace; no FutureWarning on the way."""
+    import re
+    import signal
+    import time
+
+    settings = overrides(sample_prefix, tmp_path, **{"parallel.tensor_parallel_size": 2, "training.max_steps": 100000,
+                                                     "training.lr_warmup_steps": 2})
+    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
+               str(32500 + os.getpid() % 1000), str(REPO / "pretrain.py"), *settings]
+    launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    lines = []
+    for line in launcher.stdout:  # wait until training runs
+        lines.append(line)
+        if line.startswith("step 3/100000 |"):
+            break
+    signalled = time.monotonic()
+    os.killpg(launcher.pid, signal.SIGTERM)
+    lines += launcher.stdout.readlines()
+    launcher.wait(timeout=60)
+    elapsed = time.monotonic() - signalled
+    output = "".join(lines)
+    match = re.search(r"step (\d+): SIGTERM received; checkpoint of step \1 saved, exiting", output)
+    assert match, output[-3000:]
+    assert elapsed < 30 and "FutureWarning" not in output
+    checkpoints = tmp_path / "runs" / "megapico-run" / "checkpoints"
+    assert (checkpoints / "latest").read_text() == f"step_{match[1]}"
+    assert read_manifest(checkpoints / f"step_{match[1]}")["kind"] == "full"
