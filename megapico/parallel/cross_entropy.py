@@ -32,10 +32,10 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def chunk_statistics(logits: torch.Tensor, local_target: torch.Tensor,
                      here: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per token of a [c, V/tp] logits chunk (any dtype, read as fp32): the local max, the sum of exp(logit - max)
-    and the target's logit (0 where the target is on another rank or ignored)."""
+    and the target's logit (0 where the target is on another rank or ignored). Compiled: one fused pass."""
     logits = logits.float()
     local_max = logits.max(dim=-1).values
-    local_sum = (logits - local_max.unsqueeze(-1)).exp_().sum(dim=-1)
+    local_sum = (logits - local_max.unsqueeze(-1)).exp().sum(dim=-1)
     target_logit = logits.gather(-1, local_target).squeeze(-1).masked_fill(~here, 0.0)
     return local_max, local_sum, target_logit
 
@@ -43,23 +43,48 @@ def chunk_statistics(logits: torch.Tensor, local_target: torch.Tensor,
 def chunk_logits_gradient(logits: torch.Tensor, log_sum_exp: torch.Tensor, local_target: torch.Tensor,
                           here: torch.Tensor, row_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(softmax - one_hot) * row_scale over this rank's columns, in the matmul dtype: the gradient of
-    sum(row_scale * token loss) with respect to the logits chunk."""
-    grad = (logits.float() - log_sum_exp.unsqueeze(-1)).exp_()  # the softmax: one [c, V/tp] fp32 buffer
-    grad.scatter_add_(-1, local_target, -here.float().unsqueeze(-1))
-    return grad.mul_(row_scale.unsqueeze(-1)).to(dtype)
+    sum(row_scale * token loss) with respect to the logits chunk. Compiled: one fused pass writing it."""
+    softmax = (logits.float() - log_sum_exp.unsqueeze(-1)).exp()
+    one_hot = torch.zeros_like(softmax).scatter_(-1, local_target, here.float().unsqueeze(-1))
+    return ((softmax - one_hot) * row_scale.unsqueeze(-1)).to(dtype)
 
 
-# torch.compile turns each of the two into one or two fused kernels over the chunk (no fp32 copy of the logits,
-# one pass to write the gradient); eager they are plain torch. Chosen by `compiled` below.
-_COMPILED = {}
+class _EagerChunk:
+    """The same two steps for eager mode, in place on one fp32 [c, V/tp] buffer (the logits, then exp(logit - max),
+    then the gradient): unfused, the out-of-place form above would allocate and stream two more such buffers."""
+
+    @staticmethod
+    def statistics(logits: torch.Tensor, local_target: torch.Tensor, here: torch.Tensor):  # noqa: ANN205
+        buffer = logits.float()
+        local_max = buffer.max(dim=-1).values
+        target_logit = buffer.gather(-1, local_target).squeeze(-1).masked_fill(~here, 0.0)
+        buffer.sub_(local_max.unsqueeze(-1)).exp_()
+        return (local_max, buffer.sum(dim=-1), target_logit), (buffer, local_max)
+
+    @staticmethod
+    def gradient(state, log_sum_exp: torch.Tensor, local_target: torch.Tensor, here: torch.Tensor,  # noqa: ANN001
+                 row_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        buffer, local_max = state
+        grad = buffer.mul_((local_max - log_sum_exp).exp().unsqueeze(-1))  # exp(logit - lse): the softmax
+        grad.scatter_add_(-1, local_target, -here.float().unsqueeze(-1))
+        return grad.mul_(row_scale.unsqueeze(-1)).to(dtype)
 
 
-def _kernels(compiled: bool):  # noqa: ANN202
-    if not compiled:
-        return chunk_statistics, chunk_logits_gradient
-    if not _COMPILED:
-        _COMPILED["kernels"] = (torch.compile(chunk_statistics), torch.compile(chunk_logits_gradient))
-    return _COMPILED["kernels"]
+class _CompiledChunk:
+    """torch.compile'd kernels over the untouched logits (built on first use)."""
+
+    kernels: tuple = ()
+
+    @classmethod
+    def statistics(cls, logits: torch.Tensor, local_target: torch.Tensor, here: torch.Tensor):  # noqa: ANN206
+        if not cls.kernels:
+            cls.kernels = (torch.compile(chunk_statistics), torch.compile(chunk_logits_gradient))
+        return cls.kernels[0](logits, local_target, here), logits
+
+    @classmethod
+    def gradient(cls, logits, log_sum_exp: torch.Tensor, local_target: torch.Tensor, here: torch.Tensor,  # noqa: ANN001, ANN206
+                 row_scale: torch.Tensor, dtype: torch.dtype):
+        return cls.kernels[1](logits, log_sum_exp, local_target, here, row_scale, dtype)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -67,7 +92,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, x_ND: torch.Tensor, weight_VD: torch.Tensor, labels_N: torch.Tensor,  # noqa: ANN001
                 group: ProcessGroup | None, ignore_index: int, chunk_tokens: int, compiled: bool) -> torch.Tensor:
         dtype = _compute_dtype(x_ND)
-        statistics, logits_gradient = _kernels(compiled)
+        chunk = _CompiledChunk if compiled else _EagerChunk
         want_x_grad, want_w_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         tp = group_size(group)
         with torch.autocast(x_ND.device.type, enabled=False):
@@ -87,7 +112,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 local_target = local_target.clamp(0, vocab_local - 1).unsqueeze(-1)
 
                 logits = x_c @ weight.t()  # [c, V/tp] in the matmul dtype; read as fp32 below
-                local_max, local_sum, target_logit = statistics(logits, local_target, here)
+                (local_max, local_sum, target_logit), chunk_state = chunk.statistics(logits, local_target, here)
                 if tp > 1:
                     maxes, sums, targets = all_gather_dim0(
                         torch.stack((local_max, local_sum, target_logit)).unsqueeze(0), group).unbind(1)
@@ -99,8 +124,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 loss_sum += (log_sum_exp - target_logit).masked_fill(~valid, 0.0).sum()
                 if grad_x is None and grad_w is None:
                     continue
-                grad_logits = logits_gradient(logits, log_sum_exp, local_target, here, valid.float() * scale, dtype)
-                del logits
+                grad_logits = chunk.gradient(chunk_state, log_sum_exp, local_target, here, valid.float() * scale,
+                                             dtype)
+                del logits, chunk_state
                 if grad_x is not None:
                     grad_x[start:start + chunk_tokens] = grad_logits @ weight
                 if grad_w is None:
