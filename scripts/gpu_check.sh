@@ -5,12 +5,16 @@
 # last log line (tokens/s, MFU, peak memory per GPU) beside tools/estimate_memory.py's figure, and its first-step
 # loss beside an fp32 run of the same first batch on the CPU (bf16 tolerance: 1% relative).
 #   bash scripts/gpu_check.sh [STEPS]       # results: runs/gpu-check/summary.md
+#   PYTHON=python3 bash scripts/gpu_check.sh  # a machine without network whose python3 already has torch and
+#                                             # megapico's requirements (e.g. carried wheels on PYTHONPATH)
 # Without CUDA it refuses with one line and exit code 2.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 steps=${1:-20}
-bash scripts/ensure_venv.sh
-py=.venv/bin/python
+if [ -z "${PYTHON:-}" ]; then
+  bash scripts/ensure_venv.sh
+fi
+py=${PYTHON:-.venv/bin/python}
 gpus=$($py -c "import torch; print(min(torch.cuda.device_count(), 8) if torch.cuda.is_available() else 0)")
 if [ "$gpus" = 0 ]; then
   echo "error: no CUDA device visible; scripts/gpu_check.sh needs 1..8 local GPUs (run the CPU suite with scripts/test.sh)" >&2
@@ -30,7 +34,8 @@ common=(data.train_data_path="[$out/data/sample_text_document]" data.eval_data_p
 
 # fp32 on the CPU, one step over the same global batch (micro 16 x accumulation $gpus = the GPUs' micro 16 x DP)
 CUDA_VISIBLE_DEVICES="" $py pretrain.py --config examples/pico_tiny_16xA100.yaml "${common[@]}" \
-    training.max_steps=1 training.micro_batch_size=16 training.precision=fp32 training.compile=false \
+    training.max_steps=1 training.lr_warmup_steps=0 training.micro_batch_size=16 training.precision=fp32 \
+    training.compile=false \
     training.deepspeed_config=ds_configs/zero2_cpu.json \
     training.gradient_accumulation_steps="$gpus" checkpointing.learning_dynamics.enabled=false \
     checkpointing.run_name=cpu-fp32 > "$out/cpu-fp32.log" 2>&1
@@ -61,7 +66,7 @@ for precision in bf16-mixed bf16; do
     last=$(grep -oP "step $steps/$steps \|.*" "$out/$run.log" | tail -1)
     estimate=$($py tools/estimate_memory.py --config examples/pico_tiny_16xA100.yaml --gpus "$gpus" \
         parallel.tensor_parallel_size="$tp" training.precision="$precision" training.micro_batch_size=$micro \
-        training.gradient_accumulation_steps=1 training.global_batch_size=0 | tail -1 | awk -F'|' '{print $(NF-2)}')
+        training.gradient_accumulation_steps=1 training.global_batch_size=0 | tail -1 | awk -F'|' '{print $(NF-3)}')
     if $py tools/convert_to_hf.py --checkpoint "$out/$run/checkpoints/latest" --output "$out/$run-hf" \
         > "$out/$run-convert.log" 2>&1; then export_result="verified: $(grep -oP 'max \|logit diff\| \S+' "$out/$run-convert.log")"
     else export_result="FAILED"; status=1; fi

@@ -71,3 +71,11 @@ def test_batch_arithmetic_is_checked_against_the_world_size():
         validate_config(config, world_size=8)
     with pytest.raises(ConfigError, match="world size 3 is not divisible"):
         validate_config(config, world_size=3)
+
+
+def test_resume_values_from_the_command_line():
+    assert load_config(None, ["checkpointing.resume=false"]).checkpointing.resume == "false"
+    assert load_config(None, ["checkpointing.resume=true"]).checkpointing.resume == "true"
+    assert load_config(None, ["checkpointing.resume=step_40"]).checkpointing.resume == "step_40"
+    with pytest.raises(ConfigError, match="checkpointing.resume='latest' is not one of auto, true, false or step_N"):
+        load_config(None, ["checkpointing.resume=latest"])

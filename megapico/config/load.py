@@ -67,6 +67,8 @@ def load_config(yaml_path: str | Path | None = None, overrides: Sequence[str] = 
     merged = _merge(merged, yaml_cfg, str(yaml_path))
     merged = _merge(merged, cli_cfg, "command line")
     config: MegapicoConfig = OmegaConf.to_object(merged)
+    if config.checkpointing.resume in ("True", "False"):  # YAML / dotlist `resume=false` arrives as a bool
+        config.checkpointing.resume = config.checkpointing.resume.lower()
     validate_config(config)
     return config
 
