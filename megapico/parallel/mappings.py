@@ -60,8 +60,8 @@ def all_gather_dim0(tensor: torch.Tensor, group: ProcessGroup | None) -> torch.T
     out = torch.empty((size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
     if dist.get_backend(group) == "gloo":  # gloo implements only the list form
         dist.all_gather(list(out.chunk(size)), tensor, group=group)
-    else:
-        dist.all_gather_single(out, tensor, group=group)
+    else:  # all_gather_single is torch 2.13's name (all_gather_into_tensor is deprecated there); older torch has only
+        (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, tensor, group=group)
     return out
 
 
