@@ -57,7 +57,8 @@ class DataConfig:
 @dataclass
 class ActivationCheckpointingConfig:
     mode: str = "none"
-    """none | full (recompute whole blocks and the loss head) | selective (recompute only the attention core)."""
+    """none | full (recompute whole blocks; the fused loss head keeps no logits to recompute) | selective (recompute
+    only the attention core)."""
     every_n_layers: int = 1
     """Checkpoint every N-th block (1 = all blocks)."""
 
