@@ -211,3 +211,19 @@ def test_sigterm_to_the_deepspeed_job_saves_and_exits_within_its_grace(sample_pr
     checkpoints = tmp_path / "runs" / "megapico-run" / "checkpoints"
     assert (checkpoints / "latest").read_text() == f"step_{match[1]}"
     assert read_manifest(checkpoints / f"step_{match[1]}")["kind"] == "full"
+
+
+def test_size_only_verification_catches_truncation_not_bit_flips(tmp_path):
+    from megapico.checkpoint.manifest import verify_checkpoint, write_manifest
+
+    (tmp_path / "mp_rank_00_model_states.pt").write_bytes(b"x" * 1000)
+    (tmp_path / "learning_dynamics").mkdir()
+    (tmp_path / "learning_dynamics" / "train_weights.pt").write_bytes(b"y" * 10)
+    write_manifest(tmp_path, tp_size=1)
+    assert verify_checkpoint(tmp_path, 1) is None and verify_checkpoint(tmp_path, 1, full_hash=False) is None
+    _damage(tmp_path / "learning_dynamics" / "train_weights.pt", "bit-flipped")
+    assert verify_checkpoint(tmp_path, 1, full_hash=False) is None  # checkpointing.verify=size: sizes only
+    assert "train_weights.pt: sha256 differs" in verify_checkpoint(tmp_path, 1)
+    _damage(tmp_path / "mp_rank_00_model_states.pt", "truncated")
+    assert verify_checkpoint(tmp_path, 1, full_hash=False).endswith(
+        "mp_rank_00_model_states.pt: 500 bytes, the manifest says 1000 (truncated?)")
