@@ -175,3 +175,31 @@ def test_fused_chunked_head_equals_the_unfused_one(world_size, tokens, chunk, ig
 def test_compiled_head_kernels_equal_the_unfused_head():
     result = _fused_head_against_unfused(0, 1, 50, 16, slice(3, 11), compiled=True)
     assert result["loss"] <= 1e-5 and result["grad_x"] <= 1e-6 and result["grad_w"] <= 1e-6, result
+
+
+def _sp_under_autocast(rank, world_size):
+    """bf16-mixed at TP=2: the sequence-parallel model against the plain TP one, both under torch.autocast."""
+    state = ParallelState.build(tp_size=world_size)
+    models = {}
+    for sequence_parallel in (False, True):
+        torch.manual_seed(42)
+        models[sequence_parallel] = PicoDecoder(CONFIG, state.tp_group, sequence_parallel=sequence_parallel)
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, CONFIG.vocab_size, (2, 24))
+    labels = torch.randint(0, CONFIG.vocab_size, (2, 24))
+    losses = {}
+    for sequence_parallel, model in models.items():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            losses[sequence_parallel] = model(input_ids, labels)
+        losses[sequence_parallel].backward()  # outside autocast, as the trainer does
+    plain, sp = (dict(models[flag].named_parameters()) for flag in (False, True))
+    grad_gap = max(((sp[name].grad - plain[name].grad).abs().max() / plain[name].grad.abs().max()).item()
+                   for name in plain)
+    dtypes = {param.grad.dtype for param in sp.values()}
+    return dict(loss_gap=abs(losses[True].item() - losses[False].item()), grad_gap=grad_gap, dtypes=dtypes)
+
+
+def test_sequence_parallel_under_bf16_autocast(tmp_path):
+    result = run_distributed(_sp_under_autocast, 2, tmp_path=tmp_path)
+    assert result["dtypes"] == {torch.float32}  # fp32 weights keep fp32 gradients
+    assert result["loss_gap"] <= 1e-2 and result["grad_gap"] <= 5e-2, result

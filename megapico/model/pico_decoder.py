@@ -25,10 +25,10 @@ from megapico.parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
+    column_parallel_linears,
     copy_to_tensor_parallel,
     gather_from_sequence_parallel,
     gather_from_tensor_parallel,
-    sequence_parallel_linears,
     vocab_parallel_linear_cross_entropy,
 )
 
@@ -109,11 +109,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x: [B, T, D], or [S, D] under SP; returns the same shape."""
         T = cos.shape[0]
-        if self.sequence_parallel:
-            q, k, v = sequence_parallel_linears(x, self.tp_group, self.q_proj, self.k_proj, self.v_proj)
-        else:
-            x = copy_to_tensor_parallel(x, self.tp_group)
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = column_parallel_linears(x, self.tp_group, self.sequence_parallel, self.q_proj, self.k_proj,
+                                          self.v_proj)
         q, k, v = (t.view(-1, T, t.shape[-1] // self.head_dim, self.head_dim) for t in (q, k, v))
         B = q.shape[0]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -153,11 +150,8 @@ class SwiGLU(nn.Module):
         self.w_2 = RowParallelLinear(hidden, d, tp_group=tp_group, sequence_parallel=sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.sequence_parallel:  # [S, D] -> gathered [N, hidden / tp] -> [S, D]
-            gate, up = sequence_parallel_linears(x, self.tp_group, self.w_0, self.w_1)
-        else:
-            x = copy_to_tensor_parallel(x, self.tp_group)
-            gate, up = self.w_0(x), self.w_1(x)
+        """x: [B, T, D], or [S, D] under SP; returns the same shape."""
+        gate, up = column_parallel_linears(x, self.tp_group, self.sequence_parallel, self.w_0, self.w_1)
         return self.w_2(_SiLUGate.apply(gate, up))
 
 

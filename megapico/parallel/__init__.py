@@ -5,7 +5,7 @@ from megapico.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
     VocabParallelEmbedding,
-    sequence_parallel_linears,
+    column_parallel_linears,
 )
 from megapico.parallel.mappings import (
     copy_to_tensor_parallel,
@@ -28,6 +28,6 @@ __all__ = [
     "ColumnParallelLinear", "LaunchError", "ParallelState", "RowParallelLinear", "VocabParallelEmbedding",
     "agree_across_ranks", "copy_to_tensor_parallel", "default_backend", "free_port", "gather_from_sequence_parallel",
     "gather_from_tensor_parallel", "init_distributed", "reduce_from_tensor_parallel",
-    "reduce_scatter_to_sequence_parallel", "scatter_to_tensor_parallel", "sequence_parallel_linears",
+    "reduce_scatter_to_sequence_parallel", "scatter_to_tensor_parallel", "column_parallel_linears",
     "vocab_parallel_linear_cross_entropy",
 ]

@@ -20,13 +20,8 @@ this rank's partial sum over its vocab shard; the caller feeds the hidden states
 import torch
 from torch.distributed import ProcessGroup
 
+from megapico.parallel.layers import matmul_dtype
 from megapico.parallel.mappings import all_gather_dim0, group_rank, group_size
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The matmul dtype: autocast's when it is on (bf16-mixed), else the inputs' own."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 def chunk_statistics(logits: torch.Tensor, local_target: torch.Tensor,
@@ -91,7 +86,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND: torch.Tensor, weight_VD: torch.Tensor, labels_N: torch.Tensor,  # noqa: ANN001
                 group: ProcessGroup | None, ignore_index: int, chunk_tokens: int, compiled: bool) -> torch.Tensor:
-        dtype = _compute_dtype(x_ND)
+        dtype = matmul_dtype(x_ND)
         chunk = _CompiledChunk if compiled else _EagerChunk
         want_x_grad, want_w_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         tp = group_size(group)

@@ -49,31 +49,47 @@ def divide(numerator: int, denominator: int, what: str) -> int:
     return numerator // denominator
 
 
+def matmul_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul on `x` runs in: autocast's when it is on (bf16-mixed), else x's own. Custom autograd
+    functions need it: their backward runs outside the forward's autocast region."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
 class _SequenceParallelLinears(torch.autograd.Function):
     """All-gather this rank's [S, D] tokens once and apply several column-parallel weights to the [N, D] result,
     keeping only the [S, D] shard for backward, where the tokens are gathered again (Megatron's SP linear): the
-    gathered input, the largest tensor the projections would save, is never held."""
+    gathered input, the largest tensor the projections would save, is never held. The matmuls run in the matmul
+    dtype in both directions, as autocast's linear does (bf16 under bf16-mixed, the gradients cast back to the
+    input's and weights' dtypes)."""
 
     @staticmethod
     def forward(ctx, x_SD: torch.Tensor, group: ProcessGroup, *weights: torch.Tensor):  # noqa: ANN001, ANN205
-        ctx.group = group
+        ctx.group, ctx.dtype = group, matmul_dtype(x_SD)
         ctx.save_for_backward(x_SD, *weights)
-        x_ND = all_gather_dim0(x_SD, group)
-        return tuple(F.linear(x_ND, weight) for weight in weights)
+        with torch.autocast(x_SD.device.type, enabled=False):
+            x_ND = all_gather_dim0(x_SD, group).to(ctx.dtype)
+            return tuple(F.linear(x_ND, weight.to(ctx.dtype)) for weight in weights)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):  # noqa: ANN001, ANN205
         x_SD, *weights = ctx.saved_tensors
-        x_ND = all_gather_dim0(x_SD, ctx.group)
-        grad_x = sum(grad.flatten(0, -2) @ weight for grad, weight in zip(grads, weights, strict=True))
-        grad_weights = tuple(grad.flatten(0, -2).t() @ x_ND for grad in grads)
-        return (reduce_scatter_dim0(grad_x, ctx.group), None, *grad_weights)
+        x_ND = all_gather_dim0(x_SD, ctx.group).to(ctx.dtype)
+        grads = [grad.flatten(0, -2).to(ctx.dtype) for grad in grads]
+        grad_x = sum(grad @ weight.to(ctx.dtype) for grad, weight in zip(grads, weights, strict=True))
+        grad_weights = tuple((grad.t() @ x_ND).to(weight.dtype) for grad, weight in zip(grads, weights, strict=True))
+        return (reduce_scatter_dim0(grad_x.to(x_SD.dtype), ctx.group), None, *grad_weights)
 
 
-def sequence_parallel_linears(x_SD: torch.Tensor, group: ProcessGroup,
-                              *layers: "ColumnParallelLinear") -> tuple[torch.Tensor, ...]:
-    """[N, out] = all_gather(x_SD) @ W^T for each column-parallel layer, sharing one gather; see above."""
-    return _SequenceParallelLinears.apply(x_SD, group, *(layer.weight for layer in layers))
+def column_parallel_linears(x: torch.Tensor, group: ProcessGroup | None, sequence_parallel: bool,
+                            *layers: "ColumnParallelLinear") -> tuple[torch.Tensor, ...]:
+    """Several column-parallel layers fed by one input (q/k/v, w_0/w_1). Under SP, x is this rank's [S, D] tokens:
+    one all-gather serves every layer and only the shard is saved (above), outputs [N, out/tp]. Otherwise x enters
+    the TP region once (one gradient all-reduce in backward for all of them) and each layer runs on it."""
+    if sequence_parallel:
+        return _SequenceParallelLinears.apply(x, group, *(layer.weight for layer in layers))
+    x = copy_to_tensor_parallel(x, group)
+    return tuple(layer(x) for layer in layers)
 
 
 class ColumnParallelLinear(nn.Module):
