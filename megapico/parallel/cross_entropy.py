@@ -17,6 +17,8 @@ this rank's partial sum over its vocab shard; the caller feeds the hidden states
 (or the sequence-parallel gather), whose backward sums it over TP.
 """
 
+import functools
+
 import torch
 from torch.distributed import ProcessGroup
 
@@ -65,21 +67,23 @@ class _EagerChunk:
         return grad.mul_(row_scale.unsqueeze(-1)).to(dtype)
 
 
+@functools.cache
+def _compiled_kernels() -> tuple:
+    """chunk_statistics and chunk_logits_gradient through torch.compile, built once on first use."""
+    return torch.compile(chunk_statistics), torch.compile(chunk_logits_gradient)
+
+
 class _CompiledChunk:
-    """torch.compile'd kernels over the untouched logits (built on first use)."""
+    """The compiled kernels over the untouched logits."""
 
-    kernels: tuple = ()
+    @staticmethod
+    def statistics(logits: torch.Tensor, local_target: torch.Tensor, here: torch.Tensor):  # noqa: ANN205
+        return _compiled_kernels()[0](logits, local_target, here), logits
 
-    @classmethod
-    def statistics(cls, logits: torch.Tensor, local_target: torch.Tensor, here: torch.Tensor):  # noqa: ANN206
-        if not cls.kernels:
-            cls.kernels = (torch.compile(chunk_statistics), torch.compile(chunk_logits_gradient))
-        return cls.kernels[0](logits, local_target, here), logits
-
-    @classmethod
-    def gradient(cls, logits, log_sum_exp: torch.Tensor, local_target: torch.Tensor, here: torch.Tensor,  # noqa: ANN001, ANN206
+    @staticmethod
+    def gradient(logits, log_sum_exp: torch.Tensor, local_target: torch.Tensor, here: torch.Tensor,  # noqa: ANN001, ANN205
                  row_scale: torch.Tensor, dtype: torch.dtype):
-        return cls.kernels[1](logits, log_sum_exp, local_target, here, row_scale, dtype)
+        return _compiled_kernels()[1](logits, log_sum_exp, local_target, here, row_scale, dtype)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
