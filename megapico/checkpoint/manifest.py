@@ -82,6 +82,16 @@ def read_manifest(directory: Path) -> dict | None:
         return None
 
 
+def is_pruned(directory: Path) -> bool:
+    """Whether checkpointing.keep_last replaced this checkpoint's DeepSpeed state by its HF export."""
+    manifest = read_manifest(directory)
+    return manifest is not None and manifest.get("kind") == "pruned"
+
+
+def disk_bytes(directory: Path) -> int:
+    return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+
+
 def verify_checkpoint(directory: Path, tp_size: int, full_hash: bool = True) -> str | None:
     """None if every file of the manifest is there with its size (and sha256); else a one-line reason naming the
     file. Collective when distributed: each rank checks its share, every rank gets the same answer."""

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megapico.checkpoint.manifest import verify_checkpoint, write_manifest
+from megapico.checkpoint.manifest import is_pruned, read_manifest, verify_checkpoint, write_manifest
 from megapico.config import MegapicoConfig, save_config
 from megapico.parallel import ParallelState, agree_across_ranks
 
@@ -137,12 +137,15 @@ def agreed_resume_point(config: MegapicoConfig) -> ResumePoint | None:
     for tag in tags:
         directory = root / tag
         point = _point(directory, tag) if directory.is_dir() else f"{directory}: no such checkpoint"
-        problem = point if isinstance(point, str) else verify_checkpoint(
-            directory, point.tensor_parallel_size, full_hash=config.checkpointing.verify == "hash")
-        if problem is None and json.loads((directory / "manifest.json").read_text())["kind"] != "full":
+        if isinstance(point, str):
+            problem = point
+        elif is_pruned(directory):  # known before any hashing
             problem = f"{directory}: pruned by checkpointing.keep_last (only its HF export and learning dynamics)"
+        else:
+            problem = verify_checkpoint(directory, point.tensor_parallel_size,
+                                        full_hash=config.checkpointing.verify == "hash")
         if problem is None:
-            point.verified_files = len(json.loads((directory / "manifest.json").read_text())["files"])
+            point.verified_files = len(read_manifest(directory)["files"])
             point.rejected = tuple(rejected)
             return point
         if mode != "auto":

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from megapico.checkpoint.manifest import read_manifest, verify_checkpoint
+from megapico.checkpoint.manifest import is_pruned, verify_checkpoint
 from megapico.checkpoint.reshard import read_full_state
 from megapico.checkpoint.training_state import STATE_FILE
 from megapico.config import MegapicoConfig, load_config
@@ -48,11 +48,6 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
 PRUNED_EXPORT = "hf"  # what checkpointing.keep_last leaves of an old checkpoint: its verified pico HF export
 
 
-def is_pruned(directory: Path) -> bool:
-    manifest = read_manifest(directory)
-    return manifest is not None and manifest.get("kind") == "pruned"
-
-
 def checkpoint_config(directory: Path) -> tuple[MegapicoConfig, int]:
     """(the run's config, sequences per optimizer step) from a checkpoint's own files, full or pruned."""
     state = json.loads((directory / STATE_FILE).read_text())
@@ -75,7 +70,7 @@ def load_checkpoint(path: str | Path, verify_hash: bool = True) -> LoadedCheckpo
     problem = verify_checkpoint(directory, state["tensor_parallel_size"], full_hash=verify_hash)
     if problem is not None:  # before any of DeepSpeed's pickles is opened
         raise CheckpointError(f"{directory} fails verification: {problem}")
-    config = load_config(directory / "config.yaml")
+    config, global_batch_size = checkpoint_config(directory)
     tp, dp, step = state["tensor_parallel_size"], state["data_parallel_size"], state["step"]
     model_files = sorted(directory.glob("mp_rank_*_model_states.pt"))
     foreign = [f.name for f in model_files if int(re.findall(r"\d+", f.name)[0]) >= tp]
@@ -105,4 +100,4 @@ def load_checkpoint(path: str | Path, verify_hash: bool = True) -> LoadedCheckpo
     else:
         full = merge_tp_state_dicts(module_shards)
         source = "module weights (bf16 in a bf16 run; no ZeRO partitions found)"
-    return LoadedCheckpoint(directory, step, config, full, source, checkpoint_config(directory)[1])
+    return LoadedCheckpoint(directory, step, config, full, source, global_batch_size)

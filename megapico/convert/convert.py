@@ -14,13 +14,13 @@ from pathlib import Path
 import torch
 import yaml
 
+from megapico.checkpoint.manifest import is_pruned
 from megapico.config import MegapicoConfig
 from megapico.convert.checkpoint_reader import (
     PRUNED_EXPORT,
     CheckpointError,
     LoadedCheckpoint,
     checkpoint_config,
-    is_pruned,
     load_checkpoint,
 )
 from megapico.convert.generate import reference_greedy

@@ -12,16 +12,12 @@ and are never touched. A crash at any point leaves either the full checkpoint or
 from collections.abc import Callable
 from pathlib import Path
 
-from megapico.checkpoint.manifest import directory_files, read_manifest, write_manifest
+from megapico.checkpoint.manifest import directory_files, disk_bytes, read_manifest, write_manifest
 from megapico.config import MegapicoConfig
 from megapico.convert.checkpoint_reader import PRUNED_EXPORT, load_checkpoint
 from megapico.convert.convert import export_checkpoint
 
 DEEPSPEED_FILES = ("mp_rank_", "zero_pp_rank_", "bf16_zero_pp_rank_", "rng_rank")
-
-
-def disk_bytes(directory: Path) -> int:
-    return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
 
 
 def prune_checkpoint(directory: Path) -> tuple[int, int]:

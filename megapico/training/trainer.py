@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from megapico.checkpoint.manifest import disk_bytes
 from megapico.checkpoint.reshard import (
     gather_master_weights,
     load_full_state_into_engine,
@@ -193,8 +194,7 @@ def pretrain(config: MegapicoConfig, after_checkpoint: Callable[[Path], list[str
                                    dynamics.micro_batch_size, parallel.dp_rank, engine.device)
         directory = save_training_checkpoint(engine, config, parallel, step, consumed)
         if dist.get_rank() == 0:
-            size = sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
-            print(f"checkpoint {directory}: {size / 2**20:,.1f} MiB", flush=True)
+            print(f"checkpoint {directory}: {disk_bytes(directory) / 2**20:,.1f} MiB", flush=True)
             for line in after_checkpoint(checkpoint_root(config)) if after_checkpoint else []:
                 print(line, flush=True)
         dist.barrier()
