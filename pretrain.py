@@ -30,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, LaunchError, CheckpointIntegrityError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    finally:  # shut the process group down here, not in interpreter teardown while peers may already be gone
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
