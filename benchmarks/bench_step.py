@@ -28,23 +28,7 @@ from distributed import run_distributed  # noqa: E402
 
 from megapico.config import MODEL_PRESETS, load_config  # noqa: E402
 from megapico.model import PicoDecoder  # noqa: E402
-
-
-def saved_bytes(loss_fn):
-    """(total bytes saved for backward, largest single saved storage) of loss_fn(), weights excluded."""
-    seen, sizes = set(), []
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in seen and not isinstance(tensor, torch.nn.Parameter):
-            seen.add(storage.data_ptr())
-            sizes.append(storage.nbytes())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = loss_fn()
-    loss.backward()
-    return sum(sizes), max(sizes)
+from megapico.training.memory_estimate import saved_for_backward  # noqa: E402
 
 
 def load_pico_train_model(path, model_config):
@@ -85,7 +69,7 @@ def _tp_saved_bytes(rank, world_size, preset, micro_batch, seq, sequence_paralle
     torch.manual_seed(42)
     model = PicoDecoder(config, state.tp_group, sequence_parallel=sequence_parallel)
     tokens = torch.randint(0, config.vocab_size, (micro_batch, seq + 1), generator=torch.Generator().manual_seed(0))
-    return saved_bytes(lambda: model(tokens[:, :-1], tokens[:, 1:]))[0]
+    return saved_for_backward(lambda: model(tokens[:, :-1], tokens[:, 1:]), model.parameters())[0]
 
 
 def main():
@@ -136,9 +120,10 @@ def main():
     for name, seconds in results.items():
         print(f"| {name} | {seconds:.3f} | {batch_tokens / seconds:,.0f} | {base / seconds:.2f}x |")
 
-    peer_peer = saved_bytes(peer_loss)
+    peer_peer = saved_for_backward(peer_loss, peer.parameters())
     torch.manual_seed(42)
-    ours = saved_bytes(lambda: PicoDecoder(config)(inputs, labels))
+    ours_model = PicoDecoder(config)
+    ours = saved_for_backward(lambda: ours_model(inputs, labels), ours_model.parameters())
     logits_bytes = batch_tokens * config.vocab_size * 4
     print("\n| saved for backward (no activation checkpointing) | total MiB | largest tensor MiB | vs full fp32 "
           "logits |\n|---|---|---|---|")

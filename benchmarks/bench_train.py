@@ -21,23 +21,7 @@ from distributed import run_distributed  # noqa: E402
 from megapico.config import MODEL_PRESETS, ActivationCheckpointingConfig  # noqa: E402
 from megapico.model import PicoDecoder  # noqa: E402
 from megapico.training.activation_checkpointing import apply_activation_checkpointing  # noqa: E402
-
-
-def saved_activation_bytes(model, input_ids, labels):
-    seen = {p.untyped_storage().data_ptr() for p in model.parameters()}  # weights are not activations
-    total = [0]
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total[0] += storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = model(input_ids, labels)
-    loss.backward()
-    return total[0]
+from megapico.training.memory_estimate import saved_for_backward  # noqa: E402
 
 
 def step_seconds(model, input_ids, labels, repeats):
@@ -57,7 +41,8 @@ def activation_checkpointing_table(config, micro_batch, seq, repeats):
         torch.manual_seed(42)
         model = PicoDecoder(config)
         apply_activation_checkpointing(model, ActivationCheckpointingConfig(mode=mode))
-        rows[mode] = (saved_activation_bytes(model, input_ids, labels), step_seconds(model, input_ids, labels, repeats))
+        saved, _ = saved_for_backward(lambda model=model: model(input_ids, labels), model.parameters())
+        rows[mode] = (saved, step_seconds(model, input_ids, labels, repeats))
     base_bytes, base_time = rows["none"]
     for mode, (nbytes, seconds) in rows.items():
         print(f"AC {mode:9s}: activations {nbytes / 2**20:8.1f} MiB ({base_bytes / nbytes:.2f}x less) | step "

@@ -10,28 +10,10 @@ from distributed import run_distributed
 from megapico.config import MODEL_PRESETS, ActivationCheckpointingConfig
 from megapico.model import PicoDecoder
 from megapico.training.activation_checkpointing import apply_activation_checkpointing
-from megapico.training.memory_estimate import activation_bytes
+from megapico.training.memory_estimate import activation_bytes, saved_for_backward
 
 CONFIG = dataclasses.replace(MODEL_PRESETS["tiny"], max_seq_len=128)
 MICRO, SEQ = 2, 128
-
-
-def saved_bytes(model, tokens):
-    """Bytes of every storage autograd saves for backward during one forward, each storage once, no weights."""
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen, total = set(), [0]
-
-    def pack(tensor):
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer not in seen and pointer not in weights:
-            seen.add(pointer)
-            total[0] += tensor.untyped_storage().nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss = model(tokens[:, :-1], tokens[:, 1:])
-    loss.backward()
-    return total[0]
 
 
 def _measure(rank, world_size, sequence_parallel, checkpointed):
@@ -43,7 +25,7 @@ def _measure(rank, world_size, sequence_parallel, checkpointed):
     if checkpointed:
         apply_activation_checkpointing(model, ActivationCheckpointingConfig(mode="full"))
     tokens = torch.randint(0, CONFIG.vocab_size, (MICRO, SEQ + 1), generator=torch.Generator().manual_seed(0))
-    return saved_bytes(model, tokens)
+    return saved_for_backward(lambda: model(tokens[:, :-1], tokens[:, 1:]), model.parameters())[0]
 
 
 @pytest.mark.parametrize("tp,sequence_parallel,checkpointed", [(1, False, False), (2, False, False),

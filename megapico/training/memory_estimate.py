@@ -19,7 +19,10 @@ Full activation checkpointing keeps each block's input (the residual stream, r_b
 block being recomputed.
 """
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+
+import torch
 
 from megapico.config import ModelConfig
 from megapico.training.deepspeed_config import bucket_plan
@@ -98,3 +101,23 @@ def largest_micro_batch(model: ModelConfig, gpus: int, tp: int, seq_len: int, pr
         if (estimate.total_checkpointed if checkpointed else estimate.total) > budget_gib:
             return micro
         micro += 1
+
+
+def saved_for_backward(loss_fn: Callable[[], torch.Tensor], weights: Iterable[torch.Tensor]) -> tuple[int, int]:
+    """What the activation term estimates, measured: (total, largest) bytes of the storages autograd saves for
+    backward while loss_fn() runs, each storage once and the weights' own storages excluded. Runs the backward too,
+    which frees them."""
+    skip = {weight.untyped_storage().data_ptr() for weight in weights}
+    sizes: list[int] = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in skip:
+            skip.add(storage.data_ptr())
+            sizes.append(storage.nbytes())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = loss_fn()
+    loss.backward()
+    return sum(sizes), max(sizes, default=0)
