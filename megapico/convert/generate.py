@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from megapico.convert.checkpoint_reader import CheckpointError, load_checkpoint
-from megapico.convert.hf_export import MODELLING_FILE, pico_hf_config
+from megapico.convert.hf_export import MODELLING_FILE, pico_hf_config, tokenizer_json
 from megapico.model import PicoDecoder
 
 
@@ -48,10 +48,7 @@ def model_from_hf(directory: str | Path, device: str = "cpu"):  # noqa: ANN201
 def load_tokenizer(path: str):  # noqa: ANN201
     from transformers import PreTrainedTokenizerFast
 
-    file = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
-    if not file.is_file():
-        raise CheckpointError(f"{file}: tokenizer not found (pass --tokenizer PATH to tokenizer.json)")
-    return PreTrainedTokenizerFast(tokenizer_file=str(file))
+    return PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_json(path)))
 
 
 @torch.no_grad()

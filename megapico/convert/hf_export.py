@@ -31,14 +31,20 @@ def pico_hf_config(model: ModelConfig, batch_size: int) -> dict:
     }
 
 
-def write_tokenizer(tokenizer_path: str, model: ModelConfig, out_dir: Path) -> None:
-    """tokenizer.json, tokenizer_config.json, special_tokens_map.json from the run's HF tokenizer."""
-    from tokenizers import Tokenizer
-
+def tokenizer_json(tokenizer_path: str) -> Path:
+    """The tokenizer.json a run names (the file, or the one in an HF directory), or a one-line CheckpointError."""
     source = Path(tokenizer_path)
     file = source / "tokenizer.json" if source.is_dir() else source
     if not file.is_file():
         raise CheckpointError(f"{tokenizer_path}: tokenizer not found (pass --tokenizer PATH to tokenizer.json)")
+    return file
+
+
+def write_tokenizer(tokenizer_path: str, model: ModelConfig, out_dir: Path) -> None:
+    """tokenizer.json, tokenizer_config.json, special_tokens_map.json from the run's HF tokenizer."""
+    from tokenizers import Tokenizer
+
+    file = tokenizer_json(tokenizer_path)
     tokenizer = Tokenizer.from_file(str(file))
     if tokenizer.get_vocab_size() > model.vocab_size:
         raise CheckpointError(f"{file}: tokenizer has {tokenizer.get_vocab_size()} tokens, more than the model's "
