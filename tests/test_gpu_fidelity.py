@@ -206,6 +206,36 @@ def test_bf16_mixed_losses_follow_fp32(sample_prefix, tmp_path, fp32_reference):
     assert mixed["losses"] != fp32_reference["losses"]  # autocast really ran the matmuls in bf16
 
 
+def _matmul_dtypes_in_training(rank, world_size, settings):
+    import megapico.training.trainer as trainer
+
+    autocast_on = torch.is_autocast_enabled
+    # torch.is_autocast_enabled() with no device asks about CUDA's autocast. Point it at the CPU's, so that the
+    # nested-autocast check DeepSpeed's engine.forward makes sees here what it sees on a GPU.
+    torch.is_autocast_enabled = lambda device_type="cpu": autocast_on(device_type)
+    seen, build_engine = [], trainer.build_engine
+
+    def build_and_watch(config, parallel):
+        engine, scheduler = build_engine(config, parallel)
+        engine.module.layers[0].attention.q_proj.register_forward_hook(
+            lambda module, args, out: seen.append(out.dtype) if torch.is_grad_enabled() else None)
+        engine.module.de_embedding_proj.weight.register_hook(lambda grad: seen.append(("grad", grad.dtype)))
+        return engine, scheduler
+
+    trainer.build_engine = build_and_watch
+    trainer.pretrain(load_config(None, settings))
+    return seen
+
+
+def test_bf16_mixed_trains_in_bf16_where_deepspeed_checks_the_autocast(sample_prefix, tmp_path):
+    """On a GPU, DeepSpeed's forward turned off an autocast entered around it (no torch_autocast in its config):
+    bf16-mixed ran the whole model in fp32, 2.6x slower on an H200. The engine now enters autocast itself; its
+    matmuls run in bf16 and the gradients it reduces stay fp32."""
+    settings = overrides(sample_prefix, tmp_path, **{"training.precision": "bf16-mixed", "training.max_steps": 2})
+    seen = run_distributed(_matmul_dtypes_in_training, 1, settings, tmp_path=tmp_path)
+    assert seen == [torch.bfloat16, ("grad", torch.float32)] * 2, seen
+
+
 def test_launcher_environments():
     assert first_host("gpu[007-010,12],cpu1") == "gpu007" and first_host("node-a,node-b") == "node-a"
     assert first_host("dgx01") == "dgx01"

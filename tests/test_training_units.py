@@ -59,19 +59,27 @@ def test_deepspeed_config_is_derived_and_disagreements_are_errors(tmp_path):
     assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 11_282_944 and not zero["overlap_comm"]
     medium = build_deepspeed_config(load_config(None, ["training.precision=bf16-mixed", "model_preset=medium",
                                                        f"training.deepspeed_config={a100_json}"]), 16)
-    assert medium["bf16"]["enabled"] is False  # bf16-mixed: an fp32 engine under torch.autocast
+    assert medium["bf16"]["enabled"] is False  # bf16-mixed: an fp32 engine under torch.autocast, entered by it
+    assert medium["torch_autocast"] == {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    assert a100["torch_autocast"] == ds["torch_autocast"] == {"enabled": False}
     assert medium["zero_optimization"]["reduce_bucket_size"] == 40_000_000 and medium["zero_optimization"][
         "overlap_comm"]
     cases = [({"train_batch_size": 100}, "train_batch_size=100 disagrees with the megapico config (512)"),
              ({"optimizer": {"type": "Adam"}}, "remove 'optimizer'"),
              ({"bf16": {"enabled": True}}, "bf16.enabled=True disagrees with training.precision=fp32"),
-             ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage=3")]
+             ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage=3"),
+             ({"torch_autocast": {"enabled": True}},
+              'torch_autocast={"enabled": true} disagrees with training.precision')]
     for extra, message in cases:
         path = tmp_path / "ds.json"
         path.write_text(json.dumps(extra))
         config.training.deepspeed_config = str(path)
         with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
             build_deepspeed_config(config, dp_size=16)
+    path.write_text(json.dumps({"torch_autocast": {"lower_precision_safe_modules": ["torch.nn.Linear"]}}))
+    config.training.precision = "bf16-mixed"  # DeepSpeed would reduce those modules' gradients in bf16
+    with pytest.raises(ConfigError, match="lower_precision_safe_modules"):
+        build_deepspeed_config(config, dp_size=16)
     path.write_text(json.dumps({"communication_data_type": "bf16"}))
     config.training.precision = "bf16"
     with pytest.raises(ConfigError, match="communication_data_type=bf16 would accumulate or reduce gradients in bf16"):

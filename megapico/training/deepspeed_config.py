@@ -43,6 +43,19 @@ def bucket_plan(local_parameters: int, dp_size: int) -> tuple[int, bool]:
     return -(-bucket // 512) * 512, overlap  # a multiple of DeepSpeed's NCCL start alignment
 
 
+def torch_autocast_section(ds: dict, path: Path, mixed: bool) -> dict:
+    """bf16-mixed is torch.autocast(bf16) around the forward, and the engine must be the one to enter it: DeepSpeed
+    turns off an autocast entered outside its forward unless its own `torch_autocast` is on (its check asks about
+    CUDA's autocast only, so this bites on GPUs alone: the whole model ran in fp32, 2.6x slower on an H200).
+    No module is "lower precision safe": DeepSpeed would reduce those gradients in bf16; pico's stay fp32."""
+    stated = ds.get("torch_autocast", {})
+    if stated.get("enabled", "auto") not in ("auto", mixed) or stated.get("dtype", "bfloat16") not in (
+            "bfloat16", "bf16", "torch.bfloat16") or stated.get("lower_precision_safe_modules", []):
+        raise ConfigError(f"{path}: torch_autocast={json.dumps(stated)} disagrees with training.precision (megapico "
+                          f"enables it, in bf16 with fp32 gradients, exactly for bf16-mixed); remove the key")
+    return {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []} if mixed else {"enabled": False}
+
+
 def build_deepspeed_config(config: MegapicoConfig, dp_size: int) -> dict:
     path = Path(config.training.deepspeed_config)
     if not path.is_file():
@@ -78,6 +91,7 @@ def build_deepspeed_config(config: MegapicoConfig, dp_size: int) -> dict:
                 raise ConfigError(f"{path}: {key}={ds[key]} would accumulate or reduce gradients in bf16; megapico's "
                                   f"bf16 keeps fp32 gradients ({key}={value}); remove the key")
             ds[key] = value
+    ds["torch_autocast"] = torch_autocast_section(ds, path, resolve_precision(config) == "bf16-mixed")
     zero = ds.setdefault("zero_optimization", {"stage": 2})
     bucket, overlap = bucket_plan(int(parameters_per_tp_rank(config.model, config.parallel.tensor_parallel_size)),
                                   dp_size)

@@ -12,6 +12,7 @@ from pathlib import Path
 import deepspeed
 import torch
 import torch.distributed as dist
+from deepspeed.runtime import torch_autocast as deepspeed_autocast
 from torch.utils.data import DataLoader
 
 from megapico.checkpoint.manifest import disk_bytes
@@ -90,8 +91,12 @@ def build_engine(config: MegapicoConfig, parallel: ParallelState):  # noqa: ANN2
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=(train.adam_beta1, train.adam_beta2),
                                   eps=train.adam_eps, weight_decay=train.weight_decay)
     scheduler = build_lr_scheduler(optimizer, train)
+    ds_config = build_deepspeed_config(config, parallel.dp_size)
+    # DeepSpeed keeps "an engine used torch_autocast" in a process-wide flag no later engine clears; a bf16 engine
+    # built after a bf16-mixed one in the same process (tests, benchmarks) would then reduce gradients in bf16
+    deepspeed_autocast.TORCH_AUTOCAST_INITIALIZED = ds_config["torch_autocast"]["enabled"]
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=build_deepspeed_config(config, parallel.dp_size), mpu=parallel)
+                                           config=ds_config, mpu=parallel)
     if fp32_init is not None:  # DeepSpeed cloned the masters from the bf16-cast module: give them pico's fp32 init
         write_local_state_into_engine(engine, {"weight": fp32_init}, step=None)
     return engine, scheduler
@@ -182,8 +187,9 @@ def pretrain(config: MegapicoConfig, after_checkpoint: Callable[[Path], list[str
     if dist.get_rank() == 0:
         print(f"precision {precision}; DeepSpeed bf16 engine: {engine.bfloat16_enabled()}", flush=True)
 
-    def autocast():  # noqa: ANN202
-        """bf16-mixed: matmuls in bf16 under torch.autocast, weights, gradients and optimizer in fp32."""
+    def eval_autocast():  # noqa: ANN202
+        """bf16-mixed for evaluation, which calls the module directly; in training the engine's forward enters the
+        same autocast itself (DeepSpeed's torch_autocast, see deepspeed_config.torch_autocast_section)."""
         return torch.autocast(engine.device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
     def save_checkpoint(step: int) -> None:
@@ -200,7 +206,7 @@ def pretrain(config: MegapicoConfig, after_checkpoint: Callable[[Path], list[str
         dist.barrier()
 
     def run_eval(step: int) -> None:
-        with autocast():
+        with eval_autocast():
             perplexity = evaluate_perplexity(engine.module, eval_dataset, train.micro_batch_size, parallel,
                                              config.evaluation.max_batches, engine.device)
         result.perplexities[step] = perplexity
@@ -216,8 +222,7 @@ def pretrain(config: MegapicoConfig, after_checkpoint: Callable[[Path], list[str
         step_loss = torch.zeros((), device=engine.device)  # stays on the device: no host sync in the step
         for _ in range(train.gradient_accumulation_steps):
             input_ids, labels = (t.to(engine.device, non_blocking=True) for t in next(batches))
-            with autocast():
-                loss = engine(input_ids, labels)
+            loss = engine(input_ids, labels)
             engine.backward(loss)
             engine.step()
             step_loss += loss.detach().float()
