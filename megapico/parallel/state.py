@@ -81,9 +81,12 @@ def init_distributed(timeout_minutes: int = 30) -> None:
                             category=FutureWarning)
     os.environ.update(launcher_environment(dict(os.environ)))
     os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+    device = None
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(default_backend(), timeout=datetime.timedelta(minutes=timeout_minutes))
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    # device_id binds NCCL to this rank's GPU up front (barriers then need not guess it, and say so every run)
+    dist.init_process_group(default_backend(), timeout=datetime.timedelta(minutes=timeout_minutes), device_id=device)
 
 
 def agree_across_ranks(what: str, value: str) -> None:
