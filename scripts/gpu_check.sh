@@ -5,6 +5,7 @@
 # last log line (tokens/s, MFU, peak memory per GPU) beside tools/estimate_memory.py's figure, and its first-step
 # loss beside an fp32 run of the same first batch on the CPU (bf16 tolerance: 1% relative).
 #   bash scripts/gpu_check.sh [STEPS]       # results: runs/gpu-check/summary.md
+#   PRECISIONS=bf16-mixed bash scripts/gpu_check.sh  # one precision only
 #   PYTHON=python3 bash scripts/gpu_check.sh  # a machine without network whose python3 already has torch and
 #                                             # megapico's requirements (e.g. carried wheels on PYTHONPATH)
 # Without CUDA it refuses with one line and exit code 2.
@@ -32,14 +33,15 @@ common=(data.train_data_path="[$out/data/sample_text_document]" data.eval_data_p
         checkpointing.runs_dir="$out" checkpointing.save_interval="$steps" checkpointing.resume=false
         logging.log_interval=5 logging.wandb_mode=disabled)
 
-# fp32 on the CPU, one step over the same global batch (micro 16 x accumulation $gpus = the GPUs' micro 16 x DP)
+# fp32 on the CPU, one step over the same global batch (micro 16 x accumulation $gpus = the GPUs' micro 16 x DP).
+# The same max_steps, stopped by exit_interval after step 1: the sample order depends on the samples a run needs.
 CUDA_VISIBLE_DEVICES="" $py pretrain.py --config examples/pico_tiny_16xA100.yaml "${common[@]}" \
-    training.max_steps=1 training.lr_warmup_steps=0 training.micro_batch_size=16 training.precision=fp32 \
+    training.exit_interval=1 training.micro_batch_size=16 training.precision=fp32 \
     training.compile=false \
     training.deepspeed_config=ds_configs/zero2_cpu.json \
     training.gradient_accumulation_steps="$gpus" checkpointing.learning_dynamics.enabled=false \
     checkpointing.run_name=cpu-fp32 > "$out/cpu-fp32.log" 2>&1
-cpu_loss=$(grep -m1 -oP "step 1/1 \| loss \K[0-9.]+" "$out/cpu-fp32.log")
+cpu_loss=$(grep -m1 -oP "step 1/$steps \| loss \K[0-9.]+" "$out/cpu-fp32.log")
 
 {
   echo "# GPU check: $($py -c 'import torch; print(torch.cuda.get_device_name())') x $gpus, torch $($py -c 'import torch; print(torch.__version__)')"
@@ -50,7 +52,7 @@ cpu_loss=$(grep -m1 -oP "step 1/1 \| loss \K[0-9.]+" "$out/cpu-fp32.log")
   echo "|---|---|---|---|---|---|---|---|"
 } > "$out/summary.md"
 status=0
-for precision in bf16-mixed bf16; do
+for precision in ${PRECISIONS:-bf16-mixed bf16}; do
   for tp in 1 2; do
     [ "$tp" -le "$gpus" ] || continue
     run="$precision-tp$tp"
