@@ -15,19 +15,20 @@ Figures: seconds per step, tokens/s, MFU (megapico.training.metrics), peak CUDA 
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 import time
-import types
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from megapico.config import MODEL_PRESETS, load_config
+sys.path.insert(0, os.path.dirname(__file__))
+from step_peers import load_pico_train_model, pretrain_engine, step_arguments  # noqa: E402
+
+from megapico.config import MODEL_PRESETS
 from megapico.parallel.cross_entropy import vocab_parallel_linear_cross_entropy
 from megapico.training.metrics import flops_per_token, peak_tflops_per_device
 
@@ -59,12 +60,7 @@ def timed(step, steps: int, warmup: int = 2) -> dict:  # noqa: ANN001
 
 
 def pico_train_step(args, config, inputs, labels, device):  # noqa: ANN001, ANN201
-    spec = importlib.util.spec_from_file_location("pico_train_decoder", os.path.join(
-        args.pico_train, "src", "model", "pico_decoder.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    torch.manual_seed(42)
-    model = module.PicoDecoder(types.SimpleNamespace(**dataclasses.asdict(config), batch_size=1024)).to(device)
+    model = load_pico_train_model(args.pico_train, config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
 
     def step():  # noqa: ANN202
@@ -78,17 +74,8 @@ def pico_train_step(args, config, inputs, labels, device):  # noqa: ANN001, ANN2
 
 
 def megapico_step(args, inputs, labels, compile_blocks: bool):  # noqa: ANN001, ANN201
-    from megapico.parallel import ParallelState, init_distributed
-    from megapico.training.trainer import build_engine
-
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
-    init_distributed()
-    config = load_config(None, [f"model_preset={args.preset}", f"model.max_seq_len={args.seq}",
-                                f"data.seq_len={args.seq}", f"training.micro_batch_size={args.micro_batch}",
-                                "training.precision=bf16-mixed", "training.deepspeed_config=ds_configs/zero2_a100.json",
-                                f"training.compile={compile_blocks}"])
-    engine, _ = build_engine(config, ParallelState.build(1))
+    engine = pretrain_engine(args.preset, args.seq, args.micro_batch, "bf16-mixed", "ds_configs/zero2_a100.json",
+                             compile_blocks)
 
     def step():  # noqa: ANN202
         loss = engine(inputs, labels)  # the engine enters bf16 autocast itself (DeepSpeed's torch_autocast)
@@ -142,12 +129,7 @@ def run_case(args) -> dict:  # noqa: ANN001
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pico-train", required=True, help="a pico-train checkout (pico-lm/pico-train)")
-    parser.add_argument("--preset", default="tiny", choices=sorted(MODEL_PRESETS))
-    parser.add_argument("--micro-batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=20)
+    parser = step_arguments(__doc__, micro_batch=16, seq=2048, steps=20)
     parser.add_argument("--cases", nargs="+", default=[*STEP_CASES, *HEAD_CASES],
                         choices=[*STEP_CASES, *HEAD_CASES])
     parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, in a child process

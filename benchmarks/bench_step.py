@@ -11,33 +11,22 @@ parallelism.
     python benchmarks/bench_step.py --pico-train ../pico-train --preset tiny --micro-batch 4 --seq 512 --steps 5
 """
 
-import argparse
 import dataclasses
-import importlib.util
 import os
 import sys
 import tempfile
 import time
-import types
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from distributed import run_distributed  # noqa: E402
+from step_peers import load_pico_train_model, pretrain_engine, step_arguments  # noqa: E402
 
-from megapico.config import MODEL_PRESETS, load_config  # noqa: E402
+from megapico.config import MODEL_PRESETS  # noqa: E402
 from megapico.model import PicoDecoder  # noqa: E402
 from megapico.training.memory_estimate import saved_for_backward  # noqa: E402
-
-
-def load_pico_train_model(path, model_config):
-    spec = importlib.util.spec_from_file_location("pico_train_decoder", os.path.join(path, "src", "model",
-                                                                                       "pico_decoder.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    torch.manual_seed(42)
-    return module.PicoDecoder(types.SimpleNamespace(**dataclasses.asdict(model_config), batch_size=1024))
 
 
 def timed_steps(step, steps):
@@ -46,19 +35,6 @@ def timed_steps(step, steps):
     for _ in range(steps):
         step()
     return (time.perf_counter() - started) / steps
-
-
-def megapico_engine(args, compile_blocks):
-    from megapico.parallel import ParallelState, init_distributed
-    from megapico.training.trainer import build_engine
-
-    init_distributed()
-    config = load_config(None, [f"model_preset={args.preset}", f"model.max_seq_len={args.seq}",
-                                f"data.seq_len={args.seq}", f"training.micro_batch_size={args.micro_batch}",
-                                "training.precision=fp32", "training.deepspeed_config=ds_configs/zero2_cpu.json",
-                                f"training.compile={compile_blocks}"])
-    engine, _ = build_engine(config, ParallelState.build(1))
-    return engine
 
 
 def _tp_saved_bytes(rank, world_size, preset, micro_batch, seq, sequence_parallel):
@@ -73,12 +49,7 @@ def _tp_saved_bytes(rank, world_size, preset, micro_batch, seq, sequence_paralle
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pico-train", required=True, help="a pico-train checkout (pico-lm/pico-train)")
-    parser.add_argument("--preset", default="tiny", choices=sorted(MODEL_PRESETS))
-    parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=5)
+    parser = step_arguments(__doc__, micro_batch=4, seq=512, steps=5)
     args = parser.parse_args()
     config = dataclasses.replace(MODEL_PRESETS[args.preset], max_seq_len=args.seq)
     tokens = torch.randint(0, config.vocab_size, (args.micro_batch, args.seq + 1),
@@ -102,7 +73,8 @@ def main():
 
     results = {"pico-train (PicoDecoder + F.cross_entropy + AdamW)": timed_steps(peer_step, args.steps)}
     for compile_blocks in (False, True):
-        engine = megapico_engine(args, compile_blocks)
+        engine = pretrain_engine(args.preset, args.seq, args.micro_batch, "fp32", "ds_configs/zero2_cpu.json",
+                                 compile_blocks)
 
         def engine_step(engine=engine):
             engine.backward(engine(inputs, labels))
