@@ -174,11 +174,35 @@ def test_bf16_gradients_are_accumulated_and_reduced_in_fp32(sample_prefix, tmp_p
     assert not torch.equal(reduced, result["bf16_sum"])  # bf16 accumulation would have given other numbers
 
 
+def _gathered_masters(rank, world_size, settings):
+    from megapico.checkpoint.reshard import gather_master_weights
+    from megapico.parallel import ParallelState
+    from megapico.training.trainer import build_engine
+
+    engine, _ = build_engine(load_config(None, settings), ParallelState.build(1))
+    weights = gather_master_weights(engine)
+    held = [None] * world_size
+    torch.distributed.all_gather_object(held, weights is not None)
+    return dict(held=held, weights=weights)
+
+
+def test_master_weights_are_gathered_onto_dp_rank_0_only(sample_prefix, tmp_path):
+    """bf16, DP=2: the learning-dynamics capture reads the fp32 masters on DP rank 0; no other rank holds a copy."""
+    settings = overrides(sample_prefix, tmp_path, **{"training.precision": "bf16", "model.vocab_size": 512})
+    result = run_distributed(_gathered_masters, 2, settings, tmp_path=tmp_path)
+    assert result["held"] == [True, False]
+    torch.manual_seed(42)
+    init = PicoDecoder(load_config(None, settings).model).state_dict()
+    assert result["weights"].keys() == init.keys()
+    assert all(torch.equal(result["weights"][key], init[key]) for key in init)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "bf16-mixed"])
 def test_step_0_of_a_bf16_run_is_pico_fp32_init_exactly(sample_prefix, tmp_path, precision):
+    """At DP=2: in bf16 the capture reads the masters gathered onto DP rank 0."""
     from megapico.convert.checkpoint_reader import load_checkpoint
 
-    train(1, overrides(sample_prefix, tmp_path, **{
+    train(2, overrides(sample_prefix, tmp_path, **{
         "training.precision": precision, "training.max_steps": 1, "training.lr_warmup_steps": 0,
         "checkpointing.learning_dynamics.enabled": True, "checkpointing.learning_dynamics.batch_size": 4}), tmp_path)
     config = load_config(None, overrides(sample_prefix, tmp_path))

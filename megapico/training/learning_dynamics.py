@@ -86,10 +86,11 @@ def capture_learning_dynamics(model: PicoDecoder, samples: np.ndarray, micro_bat
                 gradients=gradients)
 
 
-def save_learning_dynamics(model: PicoDecoder, weights: dict[str, torch.Tensor], batches: dict[str, np.ndarray],
-                           directory: Path, micro_batch_size: int, dp_rank: int,
+def save_learning_dynamics(model: PicoDecoder, weights: dict[str, torch.Tensor] | None,
+                           batches: dict[str, np.ndarray], directory: Path, micro_batch_size: int, dp_rank: int,
                            device: torch.device | None = None) -> None:
-    """Capture for every split in `batches` ("train", "val") and write the files; call on every rank."""
+    """Capture for every split in `batches` ("train", "val") and write the files; call on every rank. `weights`
+    (this TP rank's fp32 weights, default the model's own) are read on DP rank 0 only."""
     if dp_rank == 0:
         for split, samples in batches.items():
             states = capture_learning_dynamics(model, samples, micro_batch_size, device, weights)

@@ -129,9 +129,9 @@ def _resume(engine, scheduler, config: MegapicoConfig, parallel: ParallelState):
     return point
 
 
-def fp32_weights(engine) -> dict[str, torch.Tensor]:  # noqa: ANN001
-    """This TP rank's fp32 weights being trained: the ZeRO masters in a bf16 engine (collective over DP), the
-    module itself otherwise."""
+def fp32_weights(engine) -> dict[str, torch.Tensor] | None:  # noqa: ANN001
+    """This TP rank's fp32 weights being trained: the ZeRO masters in a bf16 engine (collective over DP, None on
+    DP ranks other than 0, which capture nothing), the module itself otherwise."""
     if engine.bfloat16_enabled():
         return gather_master_weights(engine)
     return engine.module.state_dict()
