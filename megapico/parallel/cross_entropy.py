@@ -62,9 +62,10 @@ class _EagerChunk:
     def gradient(state, log_sum_exp: torch.Tensor, local_target: torch.Tensor, here: torch.Tensor,  # noqa: ANN001
                  row_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         buffer, local_max = state
-        grad = buffer.mul_((local_max - log_sum_exp).exp().unsqueeze(-1))  # exp(logit - lse): the softmax
-        grad.scatter_add_(-1, local_target, -here.float().unsqueeze(-1))
-        return grad.mul_(row_scale.unsqueeze(-1)).to(dtype)
+        # exp(logit - lse) * row_scale = softmax * row_scale: one pass over the buffer, then the one-hot term
+        grad = buffer.mul_(((local_max - log_sum_exp).exp() * row_scale).unsqueeze(-1))
+        grad.scatter_add_(-1, local_target, -(here.float() * row_scale).unsqueeze(-1))
+        return grad.to(dtype)
 
 
 @functools.cache
