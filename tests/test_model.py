@@ -88,3 +88,29 @@ def test_models_share_no_state():
     x = torch.randint(0, SMALL.vocab_size, (1, 8))
     assert not torch.allclose(a(x), b(x))
     assert not any(True for _ in a.buffers())
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_swiglu_down_projection_equals_autograd_and_keeps_only_gate_and_up(autocast):
+    """w_2(silu(gate) * up) with silu and w_2's input recomputed in backward: the same output and gradients as
+    autograd over the plain expression (fp32, and bf16 autocast as in bf16-mixed), and only gate and up saved."""
+    from megapico.model.pico_decoder import SwiGLUDownProjection
+
+    torch.manual_seed(0)
+    projection = SwiGLUDownProjection(64, 16)
+    gate, up = (torch.randn(2, 5, 64) for _ in range(2))
+    results = []
+    for fused in (False, True):
+        projection.zero_grad()
+        inputs = [t.clone().requires_grad_() for t in (gate, up)]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            g, u = (t.to(torch.bfloat16) if autocast else t for t in inputs)  # autocast's linears give bf16
+            out = projection(g, u) if fused else F.linear(F.silu(g) * u, projection.weight)
+        out.float().pow(2).sum().backward()
+        results.append([out, inputs[0].grad, inputs[1].grad, projection.weight.grad])
+    for plain, fused in zip(*results, strict=True):
+        assert plain.dtype == fused.dtype and torch.equal(plain, fused)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        projection(gate, up)
+    assert [t.shape for t in saved] == [gate.shape, up.shape, projection.weight.shape]

@@ -31,6 +31,7 @@ from megapico.parallel import (
     gather_from_tensor_parallel,
     vocab_parallel_linear_cross_entropy,
 )
+from megapico.parallel.layers import matmul_dtype
 
 
 def enter_tensor_parallel(x: torch.Tensor, tp_group: ProcessGroup | None, sequence_parallel: bool,
@@ -122,20 +123,37 @@ class Attention(nn.Module):
         return self.o_proj(out_BHTDh.transpose(1, 2).reshape(B, T, -1))  # [B, T, D], or [S, D] under SP
 
 
-class _SiLUGate(torch.autograd.Function):
-    """silu(gate) * up, saving only its two inputs: silu(gate) is recomputed in backward instead of kept (the
-    hidden-size activation autograd would save a third copy of), as Megatron's fused SwiGLU does. Same numbers:
-    backward calls the silu_backward kernel autograd itself would."""
+class _SwiGLUDown(torch.autograd.Function):
+    """w_2(silu(gate) * up) on this rank's hidden units, saving only gate and up: silu(gate) and the product (w_2's
+    input) are recomputed in backward instead of kept, the two hidden-size activations autograd would keep beside
+    them (Megatron's fused SwiGLU recomputes silu the same way). One elementwise pass more in backward, a third
+    less of the MLP's saved bytes. The matmuls run in the matmul dtype both ways, as autocast's linear does, with
+    autograd's own arithmetic (the silu_backward kernel, the same products)."""
 
     @staticmethod
-    def forward(ctx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
-        ctx.save_for_backward(gate, up)
-        return F.silu(gate) * up
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.dtype = matmul_dtype(gate)
+        ctx.save_for_backward(gate, up, weight)
+        with torch.autocast(gate.device.type, enabled=False):
+            return F.linear((F.silu(gate) * up).to(ctx.dtype), weight.to(ctx.dtype))
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001
-        gate, up = ctx.saved_tensors
-        return torch.ops.aten.silu_backward(grad * up, gate), grad * F.silu(gate)
+    def backward(ctx, grad_out: torch.Tensor):  # noqa: ANN001, ANN205
+        gate, up, weight = ctx.saved_tensors
+        grad_out = grad_out.to(ctx.dtype)
+        silu_gate = F.silu(gate)
+        hidden = (silu_gate * up).to(ctx.dtype)
+        grad_weight = (grad_out.flatten(0, -2).t() @ hidden.flatten(0, -2)).to(weight.dtype)
+        grad_hidden = (grad_out @ weight.to(ctx.dtype)).to(gate.dtype)
+        return torch.ops.aten.silu_backward(grad_hidden * up, gate), grad_hidden * silu_gate, grad_weight
+
+
+class SwiGLUDownProjection(RowParallelLinear):
+    """w_2 applied to silu(gate) * up through _SwiGLUDown, then the row-parallel reduction. Still a module of its
+    own: pico's learning dynamics read swiglu.w_2's output through a forward hook."""
+
+    def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return self.reduce(_SwiGLUDown.apply(gate, up, self.weight))
 
 
 class SwiGLU(nn.Module):
@@ -147,12 +165,12 @@ class SwiGLU(nn.Module):
         self.tp_group, self.sequence_parallel = tp_group, sequence_parallel
         self.w_0 = ColumnParallelLinear(d, hidden, tp_group=tp_group, copy_input=False)
         self.w_1 = ColumnParallelLinear(d, hidden, tp_group=tp_group, copy_input=False)
-        self.w_2 = RowParallelLinear(hidden, d, tp_group=tp_group, sequence_parallel=sequence_parallel)
+        self.w_2 = SwiGLUDownProjection(hidden, d, tp_group=tp_group, sequence_parallel=sequence_parallel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, T, D], or [S, D] under SP; returns the same shape."""
         gate, up = column_parallel_linears(x, self.tp_group, self.sequence_parallel, self.w_0, self.w_1)
-        return self.w_2(_SiLUGate.apply(gate, up))
+        return self.w_2(gate, up)
 
 
 class PicoDecoderBlock(nn.Module):

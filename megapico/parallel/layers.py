@@ -134,7 +134,11 @@ class RowParallelLinear(nn.Module):
         self.weight = _shard_of_full((out_features, in_features), 1, init, tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return exit_tensor_parallel(F.linear(x, self.weight), self.tp_group, self.sequence_parallel)
+        return self.reduce(F.linear(x, self.weight))
+
+    def reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """This rank's partial product -> the full output (all-reduce; under SP, reduce-scatter to the tokens)."""
+        return exit_tensor_parallel(partial, self.tp_group, self.sequence_parallel)
 
 
 class VocabParallelEmbedding(nn.Module):

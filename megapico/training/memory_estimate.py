@@ -12,7 +12,7 @@ ratio r = KV/H, m the matmul bytes: 4 in fp32, 2 in bf16 and bf16-mixed):
 - the q/k/v and w_0/w_1 inputs (the norm outputs; bf16 copies under autocast): 2 m sbh;
 - attention with flash/memory-efficient kernels (no s x s matrix): q, k, v and the output, (2 + 2r) m sbh/t in
   bf16 (flash's native GQA), 4 m sbh/t in fp32 (k/v expanded to the query heads), plus o_proj's input m sbh/t;
-- SwiGLU: gate and up (silu recomputed in backward) and w_2's input, 3 m sbf/t.
+- SwiGLU: gate and up only (silu and w_2's input recomputed in backward), 2 m sbf/t.
 Sequence parallelism divides the norm and projection-input terms by t too. The fused loss head keeps one
 [sb, h] hidden-state gradient and an fp32 [V/t, h] weight gradient (no logits); the output norm adds n sbh (/t).
 Full activation checkpointing keeps each block's input (the residual stream, r_b bytes, /t under SP) plus one
@@ -60,7 +60,7 @@ def activation_bytes(model: ModelConfig, micro_batch: int, seq_len: int, tp: int
     sp = tp if sequence_parallel else 1
     attention_units = 4 if precision == "fp32" else 2 + 2 * kv_ratio
     per_layer = tokens * (2 * norm * h / sp + 2 * matmul * h / sp + attention_units * matmul * h / tp
-                          + matmul * h / tp + 3 * matmul * f / tp)
+                          + matmul * h / tp + 2 * matmul * f / tp)
     head = tokens * h * (RESIDUAL_BYTES[precision] + norm / sp) + 4 * model.vocab_size * h / tp
     if checkpointed:
         return model.n_layers * tokens * h * RESIDUAL_BYTES[precision] / sp + per_layer + head
