@@ -34,4 +34,4 @@ def test_memory_table_tool(capsys):
 
     assert main(["--table", "--gpus", "16"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[2].startswith("| tiny | 1 | 16 | 64 |") and lines[5].startswith("| large | 2 | 8 | 32 |")
+    assert lines[2].startswith("| tiny | 1 | 16 | 64 |") and lines[5].startswith("| large | 2 (SP) | 8 | 32 |")

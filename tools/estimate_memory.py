@@ -24,7 +24,8 @@ def row(name: str, config_path: str, overrides: list[str], gpus: int) -> str:
         config.parallel.sequence_parallel
     estimate = estimate_memory(config.model, gpus, tp, train.micro_batch_size, config.data.seq_len, precision, sp,
                                train.loss_chunk_tokens)
-    cells = [name, tp, gpus // tp, train.micro_batch_size, f"{estimate.weights:.2f}", f"{estimate.gradients:.2f}",
+    cells = [name, f"{tp} (SP)" if sp and tp > 1 else tp, gpus // tp, train.micro_batch_size,
+             f"{estimate.weights:.2f}", f"{estimate.gradients:.2f}",
              f"{estimate.optimizer:.2f}", f"{estimate.activations:.1f}", f"{estimate.activations_checkpointed:.1f}",
              f"{estimate.total:.1f}", f"{estimate.total_checkpointed:.1f}",
              largest_micro_batch(config.model, gpus, tp, config.data.seq_len, precision, sp)]
