@@ -88,8 +88,10 @@ def build_engine(config: MegapicoConfig, parallel: ParallelState):  # noqa: ANN2
     bf16 = use_bf16(config)
     fp32_init = {name: param.detach().clone() for name, param in model.named_parameters()} if bf16 else None
     train = config.training
+    # pico's AdamW, as one fused kernel over ZeRO's flat fp32 partition (CPU and CUDA): the default foreach
+    # implementation makes ~10 passes over it (16M parameters on CPU: 42 ms -> 7 ms a step)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train.lr, betas=(train.adam_beta1, train.adam_beta2),
-                                  eps=train.adam_eps, weight_decay=train.weight_decay)
+                                  eps=train.adam_eps, weight_decay=train.weight_decay, fused=True)
     scheduler = build_lr_scheduler(optimizer, train)
     ds_config = build_deepspeed_config(config, parallel.dp_size)
     # DeepSpeed keeps "an engine used torch_autocast" in a process-wide flag no later engine clears; a bf16 engine
