@@ -91,7 +91,12 @@ def write_local_state_into_engine(engine, local: dict[str, dict[str, torch.Tenso
             state = optimizer.optimizer.state[partition]  # empty until the first step: Adam creates it lazily
             for moment in MOMENTS:
                 targets[moment] = state.setdefault(moment, torch.zeros_like(partition))
-            state["step"] = torch.tensor(float(step))  # torch.optim.AdamW keeps it as a CPU tensor
+            # where torch.optim.AdamW keeps it: beside the parameters for the fused (and capturable) kernels, which
+            # read it on the device, else on the CPU
+            options = optimizer.optimizer.param_groups[group]
+            beside = options.get("fused") or options.get("capturable")
+            state["step"] = torch.tensor(float(step), dtype=torch.float32,
+                                         device=partition.device if beside else "cpu")
         rank = _dp_rank(optimizer)
         for kind in kinds:
             target = targets[kind]
