@@ -1,6 +1,7 @@
 """Run a function in N gloo processes (torch.multiprocessing) and collect what rank 0 returns."""
 
 import os
+import sys
 import traceback
 
 import torch
@@ -24,6 +25,11 @@ def _worker(rank, world_size, port, fn, args, result_path):
         raise
     finally:
         dist.destroy_process_group()
+    # Done and saved: leave without interpreter teardown, which aborts now and then after the process group is gone
+    # (pretrain.py does the same); an exception above still exits through torch's spawn wrapper, which reports it.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run_distributed(fn, world_size, *args, tmp_path):
