@@ -95,7 +95,8 @@ def save_training_checkpoint(engine, config: MegapicoConfig, parallel: ParallelS
     return directory
 
 
-def _step(tag: str) -> int:
+def step_of(tag: str) -> int:
+    """N of a `step_N` checkpoint tag or directory name (-1 for any other name), for ordering checkpoints."""
     return int(tag.removeprefix("step_")) if tag.removeprefix("step_").isdigit() else -1
 
 
@@ -110,7 +111,7 @@ def _candidates(config: MegapicoConfig) -> list[str]:
     if mode == "true":
         return [latest] if latest else []
     older = sorted((path.name for path in root.glob("step_*") if path.is_dir() and path.name != latest
-                    and (latest is None or _step(path.name) < _step(latest))), key=_step, reverse=True)
+                    and (latest is None or step_of(path.name) < step_of(latest))), key=step_of, reverse=True)
     return ([latest] if latest else []) + older
 
 

@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from megapico.checkpoint.manifest import is_pruned
+from megapico.checkpoint.training_state import step_of
 from megapico.config import MegapicoConfig
 from megapico.convert.checkpoint_reader import (
     PRUNED_EXPORT,
@@ -136,7 +137,7 @@ def step_directories(run_dir: Path) -> list[Path]:
     steps = [path for path in root.glob("step_*") if (path / "megapico_state.json").is_file()]
     if not steps:
         raise CheckpointError(f"{root}: no complete checkpoints to convert")
-    return sorted(steps, key=lambda path: int(path.name.split("_")[1]))
+    return sorted(steps, key=lambda path: step_of(path.name))
 
 
 def convert_run(run_dir: Path, output_root: Path, tokenizer: str | None = None, overwrite: bool = False,

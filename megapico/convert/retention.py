@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from megapico.checkpoint.manifest import directory_files, disk_bytes, read_manifest, write_manifest
+from megapico.checkpoint.training_state import step_of
 from megapico.config import MegapicoConfig
 from megapico.convert.checkpoint_reader import PRUNED_EXPORT, load_checkpoint
 from megapico.convert.convert import export_checkpoint
@@ -40,7 +41,7 @@ def keep_last_checkpoints(root: Path, keep_last: int) -> list[str]:
     if keep_last <= 0:
         return []
     full = sorted((path for path in root.glob("step_*") if (read_manifest(path) or {}).get("kind") == "full"),
-                  key=lambda path: int(path.name.removeprefix("step_")))
+                  key=lambda path: step_of(path.name))
     lines = []
     for directory in full[:-keep_last]:
         before, after = prune_checkpoint(directory)
