@@ -128,9 +128,10 @@ def gather_master_weights(engine) -> dict[str, torch.Tensor] | None:  # noqa: AN
             if receiving else None
         torch.distributed.gather(partition, list(flat.chunk(count)) if receiving else None,
                                  dst=torch.distributed.get_global_rank(group, 0), group=group)
+        if not receiving:
+            continue
         offset = 0
         for param in params:
-            if receiving:
-                weights[names[param]] = flat[offset:offset + param.numel()].view(param.shape)
+            weights[names[param]] = flat[offset:offset + param.numel()].view(param.shape)
             offset += param.numel()
     return weights if receiving else None
