@@ -36,8 +36,7 @@ common=(data.train_data_path="[$out/data/sample_text_document]" data.eval_data_p
 # fp32 on the CPU, one step over the same global batch (micro 16 x accumulation $gpus = the GPUs' micro 16 x DP).
 # The same max_steps, stopped by exit_interval after step 1: the sample order depends on the samples a run needs.
 CUDA_VISIBLE_DEVICES="" $py pretrain.py --config examples/pico_tiny_16xA100.yaml "${common[@]}" \
-    training.exit_interval=1 training.micro_batch_size=16 training.precision=fp32 \
-    training.compile=false \
+    training.exit_interval=1 training.micro_batch_size=16 training.precision=fp32 training.compile=false \
     training.deepspeed_config=ds_configs/zero2_cpu.json \
     training.gradient_accumulation_steps="$gpus" checkpointing.learning_dynamics.enabled=false \
     checkpointing.run_name=cpu-fp32 > "$out/cpu-fp32.log" 2>&1
