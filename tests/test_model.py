@@ -114,3 +114,37 @@ def test_swiglu_down_projection_equals_autograd_and_keeps_only_gate_and_up(autoc
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         projection(gate, up)
     assert [t.shape for t in saved] == [gate.shape, up.shape, projection.weight.shape]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_equals_autograd_and_keeps_only_its_input_and_rsqrt(dtype):
+    """The norm with its normalised tensor recomputed in backward: pico's output bit for bit and autograd's
+    gradients (fp32 to 1e-6; bf16, where megapico forms them in fp32, to bf16 rounding), saving only x and the
+    per-token rsqrt."""
+    from reference_pico import RMSNorm as ReferenceRMSNorm
+
+    from megapico.model.pico_decoder import RMSNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 64).to(dtype)
+    grad = torch.randn(2, 5, 64).to(dtype)
+    results = []
+    for norm in (ReferenceRMSNorm(64, 1e-6), RMSNorm(64, 1e-6)):
+        with torch.no_grad():
+            norm.weight.copy_(torch.linspace(0.5, 1.5, 64))
+        norm.to(dtype)
+        inputs = x.clone().requires_grad_()
+        out = norm(inputs)
+        out.backward(grad)
+        results.append([out, inputs.grad, norm.weight.grad])
+    (reference_out, *reference_grads), (out, *grads) = results
+    assert out.dtype == dtype and torch.equal(out, reference_out)
+    tolerance = 1e-6 if dtype == torch.float32 else 2e-2
+    for expected, actual in zip(reference_grads, grads, strict=True):
+        assert actual.dtype == dtype
+        torch.testing.assert_close(actual.float(), expected.float(), atol=tolerance, rtol=tolerance)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        RMSNorm(64, 1e-6).to(dtype)(x)
+    assert [(t.shape, t.dtype) for t in saved] == [(x.shape, dtype), ((64,), dtype), ((2, 5, 1), torch.float32)]
+

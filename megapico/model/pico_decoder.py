@@ -43,8 +43,34 @@ def enter_tensor_parallel(x: torch.Tensor, tp_group: ProcessGroup | None, sequen
     return copy_to_tensor_parallel(x, tp_group)
 
 
+class _RMSNormFunction(torch.autograd.Function):
+    """pico's RMSNorm, (x * rsqrt(mean(x^2) + eps)).type_as(x) * weight with the statistics in fp32, keeping for
+    backward only its input and the per-token rsqrt. Autograd would also keep the normalised tensor (one more
+    [tokens, D] tensor per norm, two per block, fp32 even in bf16); backward recomputes it in one elementwise pass,
+    as Apex's and Megatron's fused norms do. Gradients are formed in fp32 and cast to the inputs' dtypes."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # noqa: ANN001
+        x32 = x.float()
+        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return (x32 * rstd).type_as(x) * weight
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # noqa: ANN001, ANN205
+        x, weight, rstd = ctx.saved_tensors
+        normalized = x.float() * rstd
+        grad_out = grad_out.float()
+        grad_weight = (grad_out * normalized.type_as(x).float()).flatten(0, -2).sum(0).to(weight.dtype)
+        grad_normalized = grad_out * weight.float()
+        # d/dx of x * rsqrt(mean(x^2) + eps): rstd * (g - normalized * mean(g * normalized))
+        grad_x = rstd * (grad_normalized - normalized * (grad_normalized * normalized).mean(-1, keepdim=True))
+        return grad_x.to(x.dtype), grad_weight, None
+
+
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) in fp32, cast back to x's dtype, times a learned scale (replicated).
+    """x * rsqrt(mean(x^2) + eps) in fp32, cast back to x's dtype, times a learned scale (replicated); saves only
+    x and the per-token rsqrt for backward (_RMSNormFunction).
 
     `sequence_parallel_group`: this norm sees only its rank's tokens, so its weight's gradient is summed over TP
     (copy_to_tensor_parallel on the weight) before it reaches DeepSpeed."""
@@ -56,9 +82,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        weight = copy_to_tensor_parallel(self.weight, self.sequence_parallel_group)
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * weight
+        return _RMSNormFunction.apply(x, copy_to_tensor_parallel(self.weight, self.sequence_parallel_group), self.eps)
 
 
 def rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
