@@ -148,3 +148,34 @@ def test_rmsnorm_equals_autograd_and_keeps_only_its_input_and_rsqrt(dtype):
         RMSNorm(64, 1e-6).to(dtype)(x)
     assert [(t.shape, t.dtype) for t in saved] == [(x.shape, dtype), ((64,), dtype), ((2, 5, 1), torch.float32)]
 
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_column_parallel_projections_share_one_cast_of_their_input(autocast):
+    """q/k/v (and w_0/w_1) through column_parallel_linears equal autocast's own linears bit for bit, outputs and
+    gradients, while keeping one copy of their input in the matmul dtype rather than one per projection."""
+    from megapico.parallel import ColumnParallelLinear, column_parallel_linears
+
+    torch.manual_seed(0)
+    layers = [ColumnParallelLinear(16, 8, copy_input=False) for _ in range(3)]
+    x = torch.randn(2, 5, 16)
+    upstream = [torch.randn(2, 5, 8) for _ in layers]
+    results = []
+    for shared in (False, True):
+        inputs = x.clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, kept=saved: kept.append(t) or t, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                hidden = inputs * 1.0  # not a leaf, as in the model: autocast caches the casts of leaves only
+                outputs = (column_parallel_linears(hidden, None, False, *layers) if shared
+                           else [layer(hidden) for layer in layers])
+        sum((out.float() * grad).sum() for out, grad in zip(outputs, upstream, strict=True)).backward()
+        copies = {t.untyped_storage().data_ptr() for t in saved if t.numel() == x.numel()}
+        results.append(dict(outputs=outputs, grad=inputs.grad, copies=len(copies),
+                            weight_grads=[layer.weight.grad.clone() for layer in layers]))
+        for layer in layers:
+            layer.weight.grad = None
+    plain, shared = results
+    assert all(torch.equal(a, b) for a, b in zip(plain["outputs"], shared["outputs"], strict=True))
+    assert torch.equal(plain["grad"], shared["grad"])
+    assert all(torch.equal(a, b) for a, b in zip(plain["weight_grads"], shared["weight_grads"], strict=True))
+    assert (plain["copies"], shared["copies"]) == ((3, 1) if autocast else (1, 1))

@@ -177,6 +177,47 @@ def test_compiled_head_kernels_equal_the_unfused_head():
     assert result["loss"] <= 1e-5 and result["grad_x"] <= 1e-6 and result["grad_w"] <= 1e-6, result
 
 
+def _sp_linears_under_autocast(rank, world_size):
+    """Two column-parallel projections of one input under bf16 autocast, with SP (this rank's fp32 [S, D] tokens)
+    against without (the full [N, D] tokens through autocast's own linears)."""
+    from megapico.parallel import ColumnParallelLinear, column_parallel_linears
+
+    group = ParallelState.build(tp_size=world_size).tp_group
+    torch.manual_seed(0)
+    layers = [ColumnParallelLinear(16, 8, tp_group=group, copy_input=False) for _ in range(2)]
+    full = torch.randn(4 * world_size, 16)
+    upstream = [torch.randn(4 * world_size, 8 // world_size) for _ in layers]
+    results = {}
+    for sequence_parallel in (False, True):
+        x = (full.chunk(world_size)[rank] if sequence_parallel else full).clone().requires_grad_()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, kept=saved: kept.append(t) or t, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                outputs = column_parallel_linears(x, group, sequence_parallel, *layers)
+        sum((out.float() * grad).sum() for out, grad in zip(outputs, upstream, strict=True)).backward()
+        grad_x = x.grad if sequence_parallel else x.grad.chunk(world_size)[rank]
+        results[sequence_parallel] = dict(outputs=outputs, grad_x=grad_x, saved=saved,
+                                          grad_w=[layer.weight.grad.clone() for layer in layers])
+        for layer in layers:
+            layer.weight.grad = None
+    plain, sp = results[False], results[True]
+    return dict(outputs_equal=all(torch.equal(a, b) for a, b in zip(plain["outputs"], sp["outputs"], strict=True)),
+                output_dtypes={out.dtype for out in sp["outputs"]},
+                saved=[(tuple(t.shape), t.dtype) for t in sp["saved"] if t.dim() == 2 and t.shape[1] == 16
+                       and t.data_ptr() not in {layer.weight.data_ptr() for layer in layers}],
+                grad_x_gap=(sp["grad_x"] - plain["grad_x"]).abs().max().item(),
+                grad_w_gap=max((a - b).abs().max().item() for a, b in zip(plain["grad_w"], sp["grad_w"], strict=True)))
+
+
+def test_sequence_parallel_linears_gather_and_save_the_bf16_shard(tmp_path):
+    """Under bf16-mixed the SP projections cast this rank's tokens to bf16 before the all-gather and keep only that
+    bf16 [S, D] shard: autocast's outputs bit for bit, its gradients (fp32 sums of bf16 products) to fp32 rounding."""
+    result = run_distributed(_sp_linears_under_autocast, 2, tmp_path=tmp_path)
+    assert result["outputs_equal"] and result["output_dtypes"] == {torch.bfloat16}
+    assert result["saved"] == [((4, 16), torch.bfloat16)]
+    assert result["grad_x_gap"] <= 1e-6 and result["grad_w_gap"] <= 1e-6, result
+
+
 def _sp_under_autocast(rank, world_size):
     """bf16-mixed at TP=2: the sequence-parallel model against the plain TP one, both under torch.autocast."""
     state = ParallelState.build(tp_size=world_size)

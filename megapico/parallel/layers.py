@@ -59,37 +59,63 @@ def matmul_dtype(x: torch.Tensor) -> torch.dtype:
 class _SequenceParallelLinears(torch.autograd.Function):
     """All-gather this rank's [S, D] tokens once and apply several column-parallel weights to the [N, D] result,
     keeping only the [S, D] shard for backward, where the tokens are gathered again (Megatron's SP linear): the
-    gathered input, the largest tensor the projections would save, is never held. The matmuls run in the matmul
-    dtype in both directions, as autocast's linear does (bf16 under bf16-mixed, the gradients cast back to the
-    input's and weights' dtypes)."""
+    gathered input, the largest tensor the projections would save, is never held. The shard is cast to the matmul
+    dtype before it is gathered and saved (bf16 under bf16-mixed: half the all-gather bytes both ways and half the
+    saved bytes of the fp32 residual stream's norm output; the same numbers, the cast commutes with the gather).
+    The matmuls run in the matmul dtype in both directions, as autocast's linear does, the gradients cast back to
+    the input's and weights' dtypes."""
 
     @staticmethod
     def forward(ctx, x_SD: torch.Tensor, group: ProcessGroup, *weights: torch.Tensor):  # noqa: ANN001, ANN205
-        ctx.group, ctx.dtype = group, matmul_dtype(x_SD)
+        dtype = matmul_dtype(x_SD)
+        ctx.group, ctx.input_dtype = group, x_SD.dtype
+        x_SD = x_SD.to(dtype)
         ctx.save_for_backward(x_SD, *weights)
         with torch.autocast(x_SD.device.type, enabled=False):
-            x_ND = all_gather_dim0(x_SD, group).to(ctx.dtype)
-            return tuple(F.linear(x_ND, weight.to(ctx.dtype)) for weight in weights)
+            x_ND = all_gather_dim0(x_SD, group)
+            return tuple(F.linear(x_ND, weight.to(dtype)) for weight in weights)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):  # noqa: ANN001, ANN205
         x_SD, *weights = ctx.saved_tensors
-        x_ND = all_gather_dim0(x_SD, ctx.group).to(ctx.dtype)
-        grads = [grad.flatten(0, -2).to(ctx.dtype) for grad in grads]
-        grad_x = sum(grad @ weight.to(ctx.dtype) for grad, weight in zip(grads, weights, strict=True))
+        x_ND = all_gather_dim0(x_SD, ctx.group)
+        grads = [grad.flatten(0, -2).to(x_ND.dtype) for grad in grads]
+        # each product in the matmul dtype, summed in the input's (autograd's sum of autocast linears' gradients)
+        grad_x = sum((grad @ weight.to(x_ND.dtype)).to(ctx.input_dtype)
+                     for grad, weight in zip(grads, weights, strict=True))
         grad_weights = tuple((grad.t() @ x_ND).to(weight.dtype) for grad, weight in zip(grads, weights, strict=True))
-        return (reduce_scatter_dim0(grad_x.to(x_SD.dtype), ctx.group), None, *grad_weights)
+        return (reduce_scatter_dim0(grad_x, ctx.group), None, *grad_weights)
+
+
+class _SharedMatmulInput(torch.autograd.Function):
+    """One use of `low`, x already cast to the matmul dtype, standing for x: its gradient is cast back to x's dtype
+    on its own. Each projection gets one, so they all save the same copy (autocast would cast x once per linear
+    and keep each cast), and their gradients are still summed in x's dtype, as autocast's would be."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, low: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        ctx.dtype = x.dtype
+        return low.view_as(low)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: ANN001, ANN205
+        return grad.to(ctx.dtype), None
 
 
 def column_parallel_linears(x: torch.Tensor, group: ProcessGroup | None, sequence_parallel: bool,
                             *layers: "ColumnParallelLinear") -> tuple[torch.Tensor, ...]:
     """Several column-parallel layers fed by one input (q/k/v, w_0/w_1). Under SP, x is this rank's [S, D] tokens:
     one all-gather serves every layer and only the shard is saved (above), outputs [N, out/tp]. Otherwise x enters
-    the TP region once (one gradient all-reduce in backward for all of them) and each layer runs on it."""
+    the TP region once (one gradient all-reduce in backward for all of them) and each layer runs on it, on one
+    copy of it in the matmul dtype (bf16 under bf16-mixed)."""
     if sequence_parallel:
         return _SequenceParallelLinears.apply(x, group, *(layer.weight for layer in layers))
     x = copy_to_tensor_parallel(x, group)
-    return tuple(layer(x) for layer in layers)
+    dtype = matmul_dtype(x)
+    if dtype == x.dtype:
+        return tuple(layer(x) for layer in layers)
+    low = x.detach().to(dtype)
+    return tuple(layer(_SharedMatmulInput.apply(x, low)) for layer in layers)
 
 
 class ColumnParallelLinear(nn.Module):
