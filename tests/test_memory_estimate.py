@@ -35,3 +35,16 @@ def test_activation_estimate_within_15_percent_of_the_saved_bytes(tp, sequence_p
                 run_distributed(_measure, tp, sequence_parallel, checkpointed, tmp_path=tmp_path))
     estimate = activation_bytes(CONFIG, MICRO, SEQ, tp, "fp32", sequence_parallel, checkpointed)
     assert abs(estimate - measured) <= 0.15 * measured, (estimate, measured)
+
+
+def test_compiled_blocks_save_what_eager_blocks_save():
+    """training.compile's per-block torch.compile keeps the eager model's saved tensors (the estimate's): SwiGLU's
+    gate and up but not w_2's input, and the norms' inputs but not their normalised outputs."""
+    config = dataclasses.replace(CONFIG, n_layers=1, max_seq_len=64)
+    torch.manual_seed(42)
+    model = PicoDecoder(config)
+    tokens = torch.randint(0, config.vocab_size, (2, 65), generator=torch.Generator().manual_seed(0))
+    eager = saved_for_backward(lambda: model(tokens[:, :-1], tokens[:, 1:]), model.parameters())
+    model.layers[0].compile()
+    compiled = saved_for_backward(lambda: model(tokens[:, :-1], tokens[:, 1:]), model.parameters())
+    assert compiled == eager

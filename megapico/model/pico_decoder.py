@@ -172,11 +172,23 @@ class _SwiGLUDown(torch.autograd.Function):
         return torch.ops.aten.silu_backward(grad_hidden * up, gate), grad_hidden * silu_gate, grad_weight
 
 
+def _swiglu_down(gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.linear(F.silu(gate) * up, weight)
+
+
 class SwiGLUDownProjection(RowParallelLinear):
-    """w_2 applied to silu(gate) * up through _SwiGLUDown, then the row-parallel reduction. Still a module of its
-    own: pico's learning dynamics read swiglu.w_2's output through a forward hook."""
+    """w_2 applied to silu(gate) * up, keeping only gate and up for backward, then the row-parallel reduction.
+    Still a module of its own: pico's learning dynamics read swiglu.w_2's output through a forward hook.
+
+    Eager: _SwiGLUDown. Compiled: AOTAutograd traces _SwiGLUDown's backward into the joint graph, where its
+    recomputed product is merged with the forward's and w_2's input is saved after all (a third [tokens, f/tp]
+    tensor); a checkpoint region marks silu * up for recomputation instead, and the partitioner recomputes just
+    that product (fused into the backward's elementwise kernel), not w_2's matmul, whose output backward does not
+    need."""
 
     def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self.reduce(checkpoint(_swiglu_down, gate, up, self.weight, use_reentrant=False))
         return self.reduce(_SwiGLUDown.apply(gate, up, self.weight))
 
 
