@@ -7,14 +7,15 @@ bf16-mixed 4P plus the 2P bf16 copies autocast makes for the matmuls; fp32 4P), 
 Activations: the tensors autograd saves for backward in megapico's model (checked against saved_tensors_hooks in
 tests/test_memory_estimate.py). Per layer and micro batch of b sequences of s tokens (hidden h, ffn f, TP t, GQA
 ratio r = KV/H, m the matmul bytes: 4 in fp32, 2 in bf16 and bf16-mixed):
-- each RMSNorm keeps its input and its normalised output, n bytes per element (fp32 and bf16-mixed: 4 + 4; bf16:
-  the fp32 upcast 4 + the bf16 output 2), two norms: 2 n sbh;
+- each RMSNorm keeps only its input, the residual stream (r_b bytes: fp32 4, bf16-mixed 4, bf16 2), and an fp32
+  rsqrt per token, two norms: 2 (r_b h + 4) sb;
 - the q/k/v and w_0/w_1 inputs (the norm outputs; bf16 copies under autocast): 2 m sbh;
 - attention with flash/memory-efficient kernels (no s x s matrix): q, k, v and the output, (2 + 2r) m sbh/t in
   bf16 (flash's native GQA), 4 m sbh/t in fp32 (k/v expanded to the query heads), plus o_proj's input m sbh/t;
 - SwiGLU: gate and up only (silu and w_2's input recomputed in backward), 2 m sbf/t.
 Sequence parallelism divides the norm and projection-input terms by t too. The fused loss head keeps one
-[sb, h] hidden-state gradient and an fp32 [V/t, h] weight gradient (no logits); the output norm adds n sbh (/t).
+[sb, h] hidden-state gradient and an fp32 [V/t, h] weight gradient (no logits); the output norm adds
+(r_b h + 4) sb (/t).
 Full activation checkpointing keeps each block's input (the residual stream, r_b bytes, /t under SP) plus one
 block being recomputed.
 """
@@ -29,7 +30,6 @@ from megapico.training.deepspeed_config import bucket_plan
 from megapico.training.metrics import parameters_per_tp_rank
 
 GIB = 2**30
-NORM_BYTES = {"fp32": 8, "bf16-mixed": 8, "bf16": 6}
 MATMUL_BYTES = {"fp32": 4, "bf16-mixed": 2, "bf16": 2}
 RESIDUAL_BYTES = {"fp32": 4, "bf16-mixed": 4, "bf16": 2}
 
@@ -55,15 +55,16 @@ def activation_bytes(model: ModelConfig, micro_batch: int, seq_len: int, tp: int
                      sequence_parallel: bool = False, checkpointed: bool = False) -> float:
     """Bytes saved for backward by one forward of `micro_batch` sequences on one TP rank (formula above)."""
     tokens, h, f = micro_batch * seq_len, model.d_model, model.activation_hidden_dim
-    norm, matmul = NORM_BYTES[precision], MATMUL_BYTES[precision]
+    residual, matmul = RESIDUAL_BYTES[precision], MATMUL_BYTES[precision]
+    norm = residual * h + 4  # per token: the norm's input and its fp32 rsqrt
     kv_ratio = model.attention_n_kv_heads / model.attention_n_heads
     sp = tp if sequence_parallel else 1
     attention_units = 4 if precision == "fp32" else 2 + 2 * kv_ratio
-    per_layer = tokens * (2 * norm * h / sp + 2 * matmul * h / sp + attention_units * matmul * h / tp
+    per_layer = tokens * (2 * norm / sp + 2 * matmul * h / sp + attention_units * matmul * h / tp
                           + matmul * h / tp + 2 * matmul * f / tp)
-    head = tokens * h * (RESIDUAL_BYTES[precision] + norm / sp) + 4 * model.vocab_size * h / tp
+    head = tokens * (residual * h + norm / sp) + 4 * model.vocab_size * h / tp
     if checkpointed:
-        return model.n_layers * tokens * h * RESIDUAL_BYTES[precision] / sp + per_layer + head
+        return model.n_layers * tokens * h * residual / sp + per_layer + head
     return model.n_layers * per_layer + head
 
 
