@@ -92,16 +92,21 @@ def main():
     for name, seconds in results.items():
         print(f"| {name} | {seconds:.3f} | {batch_tokens / seconds:,.0f} | {base / seconds:.2f}x |")
 
-    peer_peer = saved_for_backward(peer_loss, peer.parameters())
     torch.manual_seed(42)
     ours_model = PicoDecoder(config)
-    ours = saved_for_backward(lambda: ours_model(inputs, labels), ours_model.parameters())
     logits_bytes = batch_tokens * config.vocab_size * 4
     print("\n| saved for backward (no activation checkpointing) | total MiB | largest tensor MiB | vs full fp32 "
           "logits |\n|---|---|---|---|")
-    for name, (total, largest) in (("pico-train", peer_peer), ("megapico", ours)):
-        print(f"| {name} | {total / 2**20:,.1f} | {largest / 2**20:,.1f} | {logits_bytes / largest:.1f}x smaller |")
-    print(f"megapico saves {peer_peer[0] / ours[0]:.2f}x fewer bytes than pico-train")
+    for precision in ("fp32", "bf16-mixed"):  # bf16-mixed: CPU autocast, what a GPU run's autocast keeps
+        def saved(model, loss_fn, precision=precision):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+                return saved_for_backward(loss_fn, model.parameters())
+
+        theirs = saved(peer, peer_loss)
+        ours = saved(ours_model, lambda: ours_model(inputs, labels))
+        for name, (total, largest) in ((f"pico-train, {precision}", theirs), (f"megapico, {precision}", ours)):
+            print(f"| {name} | {total / 2**20:,.1f} | {largest / 2**20:,.1f} | {logits_bytes / largest:.1f}x smaller |")
+        print(f"{precision}: megapico saves {theirs[0] / ours[0]:.2f}x fewer bytes than pico-train")
 
     for tp in (2, 4):
         with tempfile.TemporaryDirectory() as tmp:
