@@ -60,6 +60,16 @@ def test_compiled_blocks_match_eager(sample_prefix, tmp_path, reference):
     assert_losses_close(compiled["losses"], reference["losses"], 1e-5)
 
 
+def test_compiled_blocks_with_sequence_parallelism_match_tp1(sample_prefix, tmp_path, reference):
+    """Compiled blocks around the SP all-gathers and reduce-scatters (gloo) train and evaluate (no_grad, compiled
+    again) as TP=1 eager does."""
+    result = train(2, overrides(sample_prefix, tmp_path, **{"parallel.tensor_parallel_size": 2,
+                                                            "parallel.sequence_parallel": True,
+                                                            "training.compile": True}), tmp_path)
+    assert_losses_close(result["losses"], reference["losses"], 1e-4)
+    assert result["perplexities"][STEPS] == pytest.approx(reference["perplexities"][STEPS], rel=1e-5)
+
+
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_tp2_matches_tp1(sample_prefix, tmp_path, reference, world_size):
     dp = world_size // 2

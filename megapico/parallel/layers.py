@@ -56,6 +56,14 @@ def matmul_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+def _gather_and_project(x_SD: torch.Tensor, group: ProcessGroup, weights: tuple[torch.Tensor, ...],
+                        dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """All-gather this rank's [S, D] tokens (cast to the matmul dtype first) and apply each weight: [N, out/tp]."""
+    with torch.autocast(x_SD.device.type, enabled=False):
+        x_ND = all_gather_dim0(x_SD.to(dtype), group)
+        return tuple(F.linear(x_ND, weight.to(dtype)) for weight in weights)
+
+
 class _SequenceParallelLinears(torch.autograd.Function):
     """All-gather this rank's [S, D] tokens once and apply several column-parallel weights to the [N, D] result,
     keeping only the [S, D] shard for backward, where the tokens are gathered again (Megatron's SP linear): the
@@ -71,9 +79,7 @@ class _SequenceParallelLinears(torch.autograd.Function):
         ctx.group, ctx.input_dtype = group, x_SD.dtype
         x_SD = x_SD.to(dtype)
         ctx.save_for_backward(x_SD, *weights)
-        with torch.autocast(x_SD.device.type, enabled=False):
-            x_ND = all_gather_dim0(x_SD, group)
-            return tuple(F.linear(x_ND, weight.to(dtype)) for weight in weights)
+        return _gather_and_project(x_SD, group, weights, dtype)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor):  # noqa: ANN001, ANN205
@@ -108,8 +114,13 @@ def column_parallel_linears(x: torch.Tensor, group: ProcessGroup | None, sequenc
     one all-gather serves every layer and only the shard is saved (above), outputs [N, out/tp]. Otherwise x enters
     the TP region once (one gradient all-reduce in backward for all of them) and each layer runs on it, on one
     copy of it in the matmul dtype (bf16 under bf16-mixed)."""
+    weights = tuple(layer.weight for layer in layers)
+    if sequence_parallel and not torch.is_grad_enabled():
+        # nothing to keep for backward (eval, generation); and torch.compile (2.13) traces the autograd function
+        # under no_grad with its arguments shifted by one (the group lands in ctx) when the weights are *varargs
+        return _gather_and_project(x, group, weights, matmul_dtype(x))
     if sequence_parallel:
-        return _SequenceParallelLinears.apply(x, group, *(layer.weight for layer in layers))
+        return _SequenceParallelLinears.apply(x, group, *weights)
     x = copy_to_tensor_parallel(x, group)
     dtype = matmul_dtype(x)
     if dtype == x.dtype:
