@@ -108,8 +108,9 @@ def _inject(fault):
         deepspeed.DeepSpeedEngine.save_checkpoint = crashing_save
 
 
-def _train(rank, world_size, overrides, capture, fault=None):
-    """Run megapico's pretrain in this process; optionally report facts about the live engine."""
+def _train(rank, world_size, overrides, capture, fault=None, config_path=None):
+    """Run megapico's pretrain in this process (config_path: a YAML under the overrides); optionally report facts
+    about the live engine."""
     from megapico.config import load_config
     from megapico.training import trainer
 
@@ -127,7 +128,7 @@ def _train(rank, world_size, overrides, capture, fault=None):
     trainer.build_engine = recording_build
     from megapico.convert.retention import retention_hook
 
-    config = load_config(None, overrides)
+    config = load_config(config_path, overrides)
     result = trainer.pretrain(config, after_checkpoint=retention_hook(config))
     facts = {}
     if capture == "zero_partition":
@@ -140,5 +141,5 @@ def _train(rank, world_size, overrides, capture, fault=None):
                 facts=facts)
 
 
-def train(world_size, overrides, tmp_path, capture=None, fault=None):
-    return run_distributed(_train, world_size, list(overrides), capture, fault, tmp_path=tmp_path)
+def train(world_size, overrides, tmp_path, capture=None, fault=None, config_path=None):
+    return run_distributed(_train, world_size, list(overrides), capture, fault, config_path, tmp_path=tmp_path)
