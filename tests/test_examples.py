@@ -37,10 +37,12 @@ def test_memory_table_tool(capsys):
     assert lines[2].startswith("| tiny | 1 | 16 | 64 |") and lines[5].startswith("| large | 2 (SP) | 8 | 32 |")
 
 
-def test_large_recipe_layout_trains_on_cpu(sample_prefix, tmp_path, monkeypatch):
-    """pico_large_16xA100.yaml as written (TP=2 with sequence parallelism, bf16-mixed through DeepSpeed's autocast,
-    torch.compile, its DeepSpeed JSON, learning dynamics, eval, a checkpoint), only scaled down to a 2-layer tiny
-    model on the shipped sample in 2 CPU processes: the layout a 16-GPU run starts with trains, evaluates, saves."""
+@pytest.mark.parametrize("size", ["tiny", "large"])
+def test_recipe_layout_trains_on_cpu(size, sample_prefix, tmp_path, monkeypatch):
+    """A recipe as written (tiny: TP=1, DP=2; large: TP=2 with sequence parallelism; both bf16-mixed through
+    DeepSpeed's autocast, torch.compile, zero2_a100.json, learning dynamics, eval, a checkpoint), only scaled down
+    to a 2-layer tiny model on the shipped sample in 2 CPU processes: the layout a 16-GPU run starts with trains,
+    evaluates and saves."""
     from conftest import training_overrides
     from distributed import train
 
@@ -49,13 +51,14 @@ def test_large_recipe_layout_trains_on_cpu(sample_prefix, tmp_path, monkeypatch)
         sample_prefix, tmp_path, **{"training.max_steps": 2, "checkpointing.save_interval": 2,
                                     "checkpointing.learning_dynamics.enabled": True,
                                     "checkpointing.learning_dynamics.batch_size": 2,
-                                    "training.global_batch_size": 4, "training.gradient_accumulation_steps": 1,
+                                    "training.global_batch_size": 4 if size == "large" else 8,
+                                    "training.gradient_accumulation_steps": 1,
                                     "evaluation.interval": 2, "data.eval_data_path": "[]"}))
                    if not key.startswith(("parallel.", "training.precision", "training.deepspeed_config"))}
-    config_path = REPO / "examples" / "pico_large_16xA100.yaml"
+    config_path = REPO / "examples" / f"pico_{size}_16xA100.yaml"
     result = train(2, [f"{key}={value}" for key, value in scaled_down.items()], tmp_path, config_path=str(config_path))
     assert sorted(result["losses"]) == [1, 2] and all(loss == loss for loss in result["losses"].values())
     assert sorted(result["perplexities"]) == [2]
-    run = tmp_path / "runs" / "pico-decoder-large"
+    run = tmp_path / "runs" / f"pico-decoder-{size}"
     assert (run / "checkpoints" / "step_2").is_dir()
     assert (run / "checkpoints" / "step_2" / "learning_dynamics" / "train_activations.pt").is_file()
