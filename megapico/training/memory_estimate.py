@@ -106,14 +106,20 @@ def largest_micro_batch(model: ModelConfig, gpus: int, tp: int, seq_len: int, pr
 
 def saved_for_backward(loss_fn: Callable[[], torch.Tensor], weights: Iterable[torch.Tensor]) -> tuple[int, int]:
     """What the activation term estimates, measured: (total, largest) bytes of the storages autograd saves for
-    backward while loss_fn() runs, each storage once and the weights' own storages excluded. Runs the backward too,
-    which frees them."""
+    backward while loss_fn() runs, each storage once. Weights are not activations: their own storages are left out,
+    and so are autocast's low-precision copies of them (a saved tensor of a weight's shape in another dtype; the
+    estimate counts those copies with the weights). Runs the backward too, which frees them."""
+    weights = list(weights)
     skip = {weight.untyped_storage().data_ptr() for weight in weights}
+    weight_dtypes: dict[tuple[int, ...], set[torch.dtype]] = {}
+    for weight in weights:
+        weight_dtypes.setdefault(tuple(weight.shape), set()).add(weight.dtype)
     sizes: list[int] = []
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
-        if storage.data_ptr() not in skip:
+        weight_copy = tensor.dtype not in weight_dtypes.get(tuple(tensor.shape), {tensor.dtype})
+        if storage.data_ptr() not in skip and not weight_copy:
             skip.add(storage.data_ptr())
             sizes.append(storage.nbytes())
         return tensor
