@@ -39,11 +39,11 @@ def run_distributed(fn, world_size, *args, tmp_path):
     return torch.load(result_path, weights_only=False)
 
 
-def _unfused_head(x, weight, labels, group, chunk_tokens, compiled):
+def _unfused_head(x, weight, labels, group, chunk_tokens, compiled, sequence_parallel):
     """pico's loss head as written (TP=1): fp32 logits of every token, then the mean cross-entropy."""
     import torch.nn.functional as F
 
-    assert group is None
+    assert group is None and not sequence_parallel
     loss = F.cross_entropy(F.linear(x, weight).float(), labels, ignore_index=-100, reduction="sum")
     return loss / (labels != -100).sum().clamp(min=1)
 

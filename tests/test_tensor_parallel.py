@@ -136,7 +136,7 @@ def _unfused_head(x, weight, labels):
     return token_loss / (labels != -100).sum().clamp(min=1)
 
 
-def _fused_head_against_unfused(rank, world_size, tokens, chunk, ignored, compiled=False):
+def _fused_head_against_unfused(rank, world_size, tokens, chunk, ignored, compiled=False, sequence_parallel=False):
     state = ParallelState.build(tp_size=world_size) if world_size > 1 else None
     group = state.tp_group if state else None
     torch.manual_seed(1)
@@ -147,13 +147,20 @@ def _fused_head_against_unfused(rank, world_size, tokens, chunk, ignored, compil
     x_ref, w_ref = x.clone().requires_grad_(), weight.clone().requires_grad_()
     loss_ref = _unfused_head(x_ref, w_ref, labels)
     (loss_ref * 0.5).backward()  # an upstream scale, as DeepSpeed's 1 / gradient accumulation
-    x_ours = x.clone().requires_grad_()
     w_local = weight.chunk(world_size)[rank].clone().requires_grad_()
-    loss = vocab_parallel_linear_cross_entropy(copy_to_tensor_parallel(x_ours, group), w_local, labels, group,
-                                               chunk_tokens=chunk, compiled=compiled)
+    if sequence_parallel:  # this rank's block of the tokens, as the SP residual stream holds them
+        x_ours = x.chunk(world_size)[rank].clone().requires_grad_()
+        loss = vocab_parallel_linear_cross_entropy(x_ours, w_local, labels, group, chunk_tokens=chunk,
+                                                   sequence_parallel=True)
+        expected_grad_x = x_ref.grad.chunk(world_size)[rank]
+    else:
+        x_ours = x.clone().requires_grad_()
+        loss = vocab_parallel_linear_cross_entropy(copy_to_tensor_parallel(x_ours, group), w_local, labels, group,
+                                                   chunk_tokens=chunk, compiled=compiled)
+        expected_grad_x = x_ref.grad
     (loss * 0.5).backward()
     return dict(loss=(loss - loss_ref).abs().item(), loss_value=loss.item(),
-                grad_x=(x_ours.grad - x_ref.grad).abs().max().item(),
+                grad_x=(x_ours.grad - expected_grad_x).abs().max().item(),
                 grad_w=(w_local.grad - w_ref.grad.chunk(world_size)[rank]).abs().max().item())
 
 
@@ -169,6 +176,20 @@ def test_fused_chunked_head_equals_the_unfused_one(world_size, tokens, chunk, ig
         result = run_distributed(_fused_head_against_unfused, world_size, tokens, chunk, ignored, tmp_path=tmp_path)
     assert result["loss"] <= 1e-6 and result["grad_x"] <= 1e-6 and result["grad_w"] <= 1e-6, result
     if ignored == slice(0, 7):
+        assert result["loss_value"] == 0.0
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("tokens,chunk,ignored", [(48, 16, slice(3, 11)), (48, 40, slice(0, 0)),
+                                                  (8, 3, slice(0, 8))])
+def test_sequence_parallel_head_gathers_the_shard_chunk_by_chunk(world_size, tokens, chunk, ignored, tmp_path):
+    """Under SP the head takes each rank's token block: the unfused head's loss (to fp32 rounding of a sum taken in
+    another order, 1e-5 of ~13), and each rank gets its own tokens' complete hidden-state gradient (1e-6), with
+    chunks that do not divide the block and chunks smaller than the TP size (one token per rank per chunk)."""
+    result = run_distributed(_fused_head_against_unfused, world_size, tokens, chunk, ignored, False, True,
+                             tmp_path=tmp_path)
+    assert result["loss"] <= 1e-5 and result["grad_x"] <= 1e-6 and result["grad_w"] <= 1e-6, result
+    if ignored == slice(0, 8):
         assert result["loss_value"] == 0.0
 
 

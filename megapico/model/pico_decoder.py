@@ -268,12 +268,15 @@ class PicoDecoder(nn.Module):
 
     def forward(self, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor | None = None) -> torch.Tensor:
         """Without labels: full fp32 logits [B, T, V] (gathered over TP). With labels: the mean token
-        cross-entropy (ignore_index -100) from the fused, chunked, vocab-parallel head: no logits tensor."""
+        cross-entropy (ignore_index -100) from the fused, chunked, vocab-parallel head: no logits tensor; under SP
+        the head takes this rank's token shard and gathers it chunk by chunk."""
         B, T = input_ids_BT.shape
-        x_BTD = enter_tensor_parallel(self.output_norm(self.hidden_states(input_ids_BT)), self.tp_group,
-                                      self.sequence_parallel, T)
+        h = self.output_norm(self.hidden_states(input_ids_BT))
         if labels_BT is None:
+            x_BTD = enter_tensor_parallel(h, self.tp_group, self.sequence_parallel, T)
             return gather_from_tensor_parallel(self.de_embedding_proj(x_BTD).float(), self.tp_group)
-        return vocab_parallel_linear_cross_entropy(x_BTD.reshape(B * T, -1), self.de_embedding_proj.weight,
-                                                   labels_BT.reshape(B * T), self.tp_group,
-                                                   chunk_tokens=self.loss_chunk_tokens, compiled=self.compile_loss_head)
+        x_ND = h if self.sequence_parallel else copy_to_tensor_parallel(h, self.tp_group).reshape(B * T, -1)
+        return vocab_parallel_linear_cross_entropy(x_ND, self.de_embedding_proj.weight, labels_BT.reshape(B * T),
+                                                   self.tp_group, chunk_tokens=self.loss_chunk_tokens,
+                                                   compiled=self.compile_loss_head,
+                                                   sequence_parallel=self.sequence_parallel)

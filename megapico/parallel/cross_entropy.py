@@ -13,8 +13,14 @@ would add a fourth.
 Under TP each rank holds V/tp rows of the weight. Per chunk, one all-gather of [3, chunk] per-token scalars (local
 max, local sum of exp relative to it, target logit or 0) gives every rank the exact global log-sum-exp and target
 logit (a log-sum-exp of the ranks' partial sums), so the vocabulary is never gathered. The hidden-state gradient is
-this rank's partial sum over its vocab shard; the caller feeds the hidden states through copy_to_tensor_parallel
-(or the sequence-parallel gather), whose backward sums it over TP.
+this rank's partial sum over its vocab shard; the caller feeds the hidden states through copy_to_tensor_parallel,
+whose backward sums it over TP.
+
+Under sequence parallelism the head takes this rank's [S, D] token shard as it is and gathers it chunk by chunk:
+chunk c is the c-th slice of every rank's shard (one all-gather of [chunk / tp, D]), and its hidden-state gradient
+is reduce-scattered right away, summed over the vocab shards in the input's dtype, back to this rank's slice. So
+neither the gathered [N, D] hidden states nor an [N, D] gradient exist; what stays for backward is this rank's
+[S, D] gradient, the complete one.
 """
 
 import functools
@@ -23,7 +29,7 @@ import torch
 from torch.distributed import ProcessGroup
 
 from megapico.parallel.layers import matmul_dtype
-from megapico.parallel.mappings import all_gather_dim0, group_rank, group_size
+from megapico.parallel.mappings import all_gather_dim0, group_rank, group_size, reduce_scatter_dim0
 
 
 def chunk_statistics(logits: torch.Tensor, local_target: torch.Tensor,
@@ -90,24 +96,31 @@ class _CompiledChunk:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND: torch.Tensor, weight_VD: torch.Tensor, labels_N: torch.Tensor,  # noqa: ANN001
-                group: ProcessGroup | None, ignore_index: int, chunk_tokens: int, compiled: bool) -> torch.Tensor:
+                group: ProcessGroup | None, ignore_index: int, chunk_tokens: int, compiled: bool,
+                sequence_parallel: bool) -> torch.Tensor:
         dtype = matmul_dtype(x_ND)
         chunk = _CompiledChunk if compiled else _EagerChunk
         want_x_grad, want_w_grad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         tp = group_size(group)
+        sequence_parallel = sequence_parallel and tp > 1
+        # rows of x_ND per chunk: under SP each rank contributes 1/tp of the chunk's tokens
+        step = max(1, chunk_tokens // tp) if sequence_parallel else chunk_tokens
+        labels_by_rank = labels_N.view(tp, -1) if sequence_parallel else labels_N.view(1, -1)  # rank j's tokens
         with torch.autocast(x_ND.device.type, enabled=False):
             x, weight = x_ND.to(dtype), weight_VD.to(dtype)
             vocab_local = weight.shape[0]
             vocab_start = group_rank(group) * vocab_local
-            valid_N = labels_N != ignore_index
-            scale = 1.0 / valid_N.sum().clamp(min=1).float()  # a device scalar: no host sync
+            scale = 1.0 / (labels_N != ignore_index).sum().clamp(min=1).float()  # a device scalar: no host sync
             grad_x = torch.empty_like(x_ND) if want_x_grad else None
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w_grad else None
             loss_sum = torch.zeros((), dtype=torch.float32, device=x.device)
-            for start in range(0, x.shape[0], chunk_tokens):
-                x_c = x[start:start + chunk_tokens]
-                valid = valid_N[start:start + chunk_tokens]
-                local_target = labels_N[start:start + chunk_tokens] - vocab_start
+            for start in range(0, x.shape[0], step):
+                x_c = x[start:start + step]
+                if sequence_parallel:
+                    x_c = all_gather_dim0(x_c, group)  # [tp * c, D]: this slice of every rank's tokens
+                labels_c = labels_by_rank[:, start:start + step].reshape(-1)
+                valid = labels_c != ignore_index
+                local_target = labels_c - vocab_start
                 here = valid & (local_target >= 0) & (local_target < vocab_local)
                 local_target = local_target.clamp(0, vocab_local - 1).unsqueeze(-1)
 
@@ -128,7 +141,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                                              dtype)
                 del logits, chunk_state
                 if grad_x is not None:
-                    grad_x[start:start + chunk_tokens] = grad_logits @ weight
+                    grad_x_c = grad_logits @ weight
+                    if sequence_parallel:  # summed over the vocab shards, kept for this rank's slice
+                        grad_x_c = reduce_scatter_dim0(grad_x_c.to(grad_x.dtype), group)
+                    grad_x[start:start + step] = grad_x_c
                 if grad_w is None:
                     continue
                 if dtype == torch.float32:
@@ -144,15 +160,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_x, grad_w = ctx.saved_tensors
         grad_x = grad_x * grad_loss.to(grad_x.dtype) if grad_x is not None else None
         grad_w = (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None
-        return grad_x, grad_w, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None, None
 
 
 def vocab_parallel_linear_cross_entropy(x_ND: torch.Tensor, weight_VD: torch.Tensor, labels_N: torch.Tensor,
                                         group: ProcessGroup | None = None, ignore_index: int = -100,
-                                        chunk_tokens: int = 1024, compiled: bool = False) -> torch.Tensor:
+                                        chunk_tokens: int = 1024, compiled: bool = False,
+                                        sequence_parallel: bool = False) -> torch.Tensor:
     """Mean cross-entropy over the tokens whose label is not ignore_index (0 when there are none) of the logits
     x @ weight.T, where `weight` holds this rank's V/tp rows of the output projection; fp32 statistics.
-    compiled: run the per-chunk elementwise work as torch.compile'd kernels."""
+    compiled: run the per-chunk elementwise work as torch.compile'd kernels. sequence_parallel: x_ND is this rank's
+    [N / tp, D] block of the N tokens (labels_N all N of them), gathered chunk by chunk."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
-    return _LinearCrossEntropy.apply(x_ND, weight_VD, labels_N, group, ignore_index, chunk_tokens, compiled)
+    return _LinearCrossEntropy.apply(x_ND, weight_VD, labels_N, group, ignore_index, chunk_tokens, compiled,
+                                     sequence_parallel)

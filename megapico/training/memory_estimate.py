@@ -14,8 +14,8 @@ ratio r = KV/H, m the matmul bytes: 4 in fp32, 2 in bf16 and bf16-mixed):
   bf16 (flash's native GQA), 4 m sbh/t in fp32 (k/v expanded to the query heads), plus o_proj's input m sbh/t;
 - SwiGLU: gate and up only (silu and w_2's input recomputed in backward), 2 m sbf/t.
 Sequence parallelism divides the norm and projection-input terms by t too. The fused loss head keeps one
-[sb, h] hidden-state gradient and an fp32 [V/t, h] weight gradient (no logits); the output norm adds
-(r_b h + 4) sb (/t).
+[sb, h] hidden-state gradient (/t under SP, where it takes the token shard) and an fp32 [V/t, h] weight gradient
+(no logits); the output norm adds (r_b h + 4) sb (/t).
 Full activation checkpointing keeps each block's input (the residual stream, r_b bytes, /t under SP) plus one
 block being recomputed.
 """
@@ -62,7 +62,7 @@ def activation_bytes(model: ModelConfig, micro_batch: int, seq_len: int, tp: int
     attention_units = 4 if precision == "fp32" else 2 + 2 * kv_ratio
     per_layer = tokens * (2 * norm / sp + 2 * matmul * h / sp + attention_units * matmul * h / tp
                           + matmul * h / tp + 2 * matmul * f / tp)
-    head = tokens * (residual * h + norm / sp) + 4 * model.vocab_size * h / tp
+    head = tokens * (residual * h + norm) / sp + 4 * model.vocab_size * h / tp
     if checkpointed:
         return model.n_layers * tokens * h * residual / sp + per_layer + head
     return model.n_layers * per_layer + head
