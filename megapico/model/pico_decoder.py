@@ -10,8 +10,8 @@ With sequence parallelism (Megatron's SP, TP > 1) the residual stream between th
 the batch's tokens on each TP rank: the norms and residual adds run on 1/tp of the tokens, the attention and
 SwiGLU inputs are all-gathered to [B, T, D], and their row-parallel outputs reduce-scattered back to [S, D]
 instead of all-reduced. The norm weights see only their rank's tokens, so their gradients are summed over TP.
-The loss head never builds the logits (megapico.parallel.cross_entropy); without labels the full fp32 logits
-are returned as pico does.
+The loss head never builds the logits (megapico.parallel.cross_entropy; under SP it takes the [S, D] shard and
+gathers it chunk by chunk); without labels the full fp32 logits are returned as pico does.
 """
 
 import torch
