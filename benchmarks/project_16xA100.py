@@ -10,8 +10,7 @@ import argparse
 from pathlib import Path
 
 from megapico.config import load_config
-from megapico.training.deepspeed_config import resolve_precision
-from megapico.training.memory_estimate import estimate_memory
+from megapico.training.memory_estimate import estimate_run
 from megapico.training.metrics import PEAK_BF16_TFLOPS, flops_per_token
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -31,9 +30,7 @@ def main():
         train = config.training
         tokens = train.max_steps * train.global_batch_size * config.data.seq_len
         per_token = flops_per_token(config.model, config.data.seq_len)
-        memory = estimate_memory(config.model, args.gpus, config.parallel.tensor_parallel_size,
-                                 train.micro_batch_size, config.data.seq_len, resolve_precision(config, cuda=True),
-                                 config.parallel.sequence_parallel, train.loss_chunk_tokens)
+        memory = estimate_run(config, args.gpus)
         cells = []
         for mfu in args.mfu:
             tokens_per_second = args.gpus * peak * mfu / per_token

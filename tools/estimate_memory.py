@@ -11,7 +11,7 @@ from pathlib import Path
 
 from megapico.config import ConfigError, load_config
 from megapico.training.deepspeed_config import resolve_precision
-from megapico.training.memory_estimate import estimate_memory, largest_micro_batch
+from megapico.training.memory_estimate import estimate_run, largest_micro_batch
 
 EXAMPLES = {name: Path(__file__).resolve().parent.parent / "examples" / f"pico_{name}_16xA100.yaml"
             for name in ("tiny", "small", "medium", "large")}
@@ -22,8 +22,7 @@ def row(name: str, config_path: str, overrides: list[str], gpus: int) -> str:
     train = config.training
     tp, precision, sp = config.parallel.tensor_parallel_size, resolve_precision(config, cuda=True), \
         config.parallel.sequence_parallel
-    estimate = estimate_memory(config.model, gpus, tp, train.micro_batch_size, config.data.seq_len, precision, sp,
-                               train.loss_chunk_tokens)
+    estimate = estimate_run(config, gpus)
     cells = [name, f"{tp} (SP)" if sp and tp > 1 else tp, gpus // tp, train.micro_batch_size,
              f"{estimate.weights:.2f}", f"{estimate.gradients:.2f}",
              f"{estimate.optimizer:.2f}", f"{estimate.activations:.1f}", f"{estimate.activations_checkpointed:.1f}",

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from megapico.config import ModelConfig
-from megapico.training.deepspeed_config import bucket_plan
+from megapico.config import MegapicoConfig, ModelConfig
+from megapico.training.deepspeed_config import bucket_plan, resolve_precision
 from megapico.training.metrics import parameters_per_tp_rank
 
 GIB = 2**30
@@ -90,6 +90,15 @@ def estimate_memory(model: ModelConfig, gpus: int, tp: int, micro_batch: int, se
         activations=activations[False],
         activations_checkpointed=activations[True],
     )
+
+
+def estimate_run(config: MegapicoConfig, gpus: int) -> MemoryEstimate:
+    """estimate_memory for a run config on `gpus` CUDA devices: its TP size, sequence parallelism, micro batch,
+    sequence length, loss chunk and the precision it resolves to on CUDA."""
+    train = config.training
+    return estimate_memory(config.model, gpus, config.parallel.tensor_parallel_size, train.micro_batch_size,
+                           config.data.seq_len, resolve_precision(config, cuda=True),
+                           config.parallel.sequence_parallel, train.loss_chunk_tokens)
 
 
 def largest_micro_batch(model: ModelConfig, gpus: int, tp: int, seq_len: int, precision: str = "bf16-mixed",
