@@ -114,12 +114,12 @@ def column_parallel_linears(x: torch.Tensor, group: ProcessGroup | None, sequenc
     one all-gather serves every layer and only the shard is saved (above), outputs [N, out/tp]. Otherwise x enters
     the TP region once (one gradient all-reduce in backward for all of them) and each layer runs on it, on one
     copy of it in the matmul dtype (bf16 under bf16-mixed)."""
-    weights = tuple(layer.weight for layer in layers)
-    if sequence_parallel and not torch.is_grad_enabled():
-        # nothing to keep for backward (eval, generation); and torch.compile (2.13) traces the autograd function
-        # under no_grad with its arguments shifted by one (the group lands in ctx) when the weights are *varargs
-        return _gather_and_project(x, group, weights, matmul_dtype(x))
     if sequence_parallel:
+        weights = tuple(layer.weight for layer in layers)
+        if not torch.is_grad_enabled():
+            # nothing to keep for backward (eval, generation); and torch.compile (2.13) traces the autograd
+            # function under no_grad with its arguments shifted by one (the group lands in ctx): *weights varargs
+            return _gather_and_project(x, group, weights, matmul_dtype(x))
         return _SequenceParallelLinears.apply(x, group, *weights)
     x = copy_to_tensor_parallel(x, group)
     dtype = matmul_dtype(x)
