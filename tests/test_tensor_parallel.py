@@ -193,6 +193,12 @@ def test_sequence_parallel_head_gathers_the_shard_chunk_by_chunk(world_size, tok
         assert result["loss_value"] == 0.0
 
 
+def test_sequence_parallel_head_rejects_labels_that_do_not_match_the_shards():
+    with pytest.raises(ValueError, match="12 labels for 4 tokens on each of 1 ranks"):
+        vocab_parallel_linear_cross_entropy(torch.randn(4, 8), torch.randn(16, 8), torch.zeros(12, dtype=torch.long),
+                                            sequence_parallel=True)
+
+
 def test_compiled_head_kernels_equal_the_unfused_head():
     result = _fused_head_against_unfused(0, 1, 50, 16, slice(3, 11), compiled=True)
     assert result["loss"] <= 1e-5 and result["grad_x"] <= 1e-6 and result["grad_w"] <= 1e-6, result

@@ -173,5 +173,8 @@ def vocab_parallel_linear_cross_entropy(x_ND: torch.Tensor, weight_VD: torch.Ten
     [N / tp, D] block of the N tokens (labels_N all N of them), gathered chunk by chunk."""
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    if sequence_parallel and labels_N.numel() != x_ND.shape[0] * group_size(group):
+        raise ValueError(f"sequence_parallel: {labels_N.numel()} labels for {x_ND.shape[0]} tokens on each of "
+                         f"{group_size(group)} ranks; pass this rank's token block and the labels of all of them")
     return _LinearCrossEntropy.apply(x_ND, weight_VD, labels_N, group, ignore_index, chunk_tokens, compiled,
                                      sequence_parallel)
