@@ -17,8 +17,8 @@ from conftest import training_overrides as overrides
 from distributed import run_distributed, train
 
 from megapico.config import ModelConfig, load_config
-from megapico.model import PicoDecoder
-from megapico.model.pico_decoder import causal_attention
+from megapico.model import PicoDecoder, pico_decoder
+from megapico.model.pico_decoder import causal_attention, sdpa_reads_gqa
 from megapico.parallel import LaunchError
 from megapico.parallel.state import first_host, launcher_environment
 from megapico.training.learning_dynamics import SUFFIXES, capture_learning_dynamics
@@ -27,7 +27,9 @@ SMALL = ModelConfig(d_model=48, n_layers=2, attention_n_heads=12, attention_n_kv
                     activation_hidden_dim=96, vocab_size=256, max_seq_len=64)
 
 
-def test_fp32_attention_expands_kv_and_equals_sdpa_with_gqa(monkeypatch):
+def test_attention_reads_gqa_in_the_kernel_or_expands_kv_and_equals_sdpa_with_gqa(monkeypatch):
+    """CUDA fp32 (the memory-efficient kernel, no GQA; the learning-dynamics probe) gets k/v expanded to the query
+    heads; CUDA bf16 and CPU in every dtype pass enable_gqa to the flash kernel. Same output either way."""
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 12, 16, 8), torch.randn(2, 4, 16, 8), torch.randn(2, 4, 16, 8)
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
@@ -39,10 +41,13 @@ def test_fp32_attention_expands_kv_and_equals_sdpa_with_gqa(monkeypatch):
         return sdpa(q, k, v, **kwargs)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
-    torch.testing.assert_close(causal_attention(q, k, v), expected, atol=1e-6, rtol=0)
-    causal_attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
-    # fp32: k/v expanded to the 12 query heads, no enable_gqa (memory-efficient kernel); bf16: flash's native GQA
-    assert calls == [(12, False), (4, True)]
+    for in_kernel in (True, False):
+        monkeypatch.setattr(pico_decoder, "sdpa_reads_gqa", lambda device_type, dtype, in_kernel=in_kernel: in_kernel)
+        torch.testing.assert_close(causal_attention(q, k, v), expected, atol=1e-6, rtol=0)
+    assert calls == [(4, True), (12, False)]
+    monkeypatch.undo()
+    assert sdpa_reads_gqa("cpu", torch.float32) and sdpa_reads_gqa("cuda", torch.bfloat16)
+    assert not sdpa_reads_gqa("cuda", torch.float32) and not sdpa_reads_gqa("mps", torch.bfloat16)
 
 
 def _plain_capture(model, samples):

@@ -102,16 +102,19 @@ def apply_rope(x_BTHDh: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> t
     return rotated.flatten(3).type_as(x_BTHDh)
 
 
-def causal_attention(q_BHTDh: torch.Tensor, k_BKTDh: torch.Tensor, v_BKTDh: torch.Tensor) -> torch.Tensor:
-    """Causal SDPA; query head h reads kv head h // (H / K) (GQA). Works for T == 1.
+def sdpa_reads_gqa(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether SDPA's kernel reads kv head h // (H / K) for query head h itself (`enable_gqa`): CPU's flash kernel
+    in every dtype, CUDA's flash kernel in fp16/bf16. CUDA fp32 takes the memory-efficient kernel, which has no GQA
+    (an fp32 call with enable_gqa falls back to math and builds a [B, H, T, T] fp32 matrix per layer: 39 GB at
+    16 x 2048), and MPS has none either: there k/v are expanded to the query heads first, and the kernel keeps the
+    expanded copies for backward (H/K times the k/v bytes)."""
+    return device_type == "cpu" or (device_type == "cuda" and dtype in (torch.float16, torch.bfloat16))
 
-    Only the flash and math kernels take `enable_gqa`, and flash takes only fp16/bf16: an fp32 call with
-    enable_gqa would fall back to math and build a [B, H, T, T] fp32 matrix per layer (39 GB at 16 x 2048).
-    So fp32 inputs get k/v expanded to the query heads (K/H of the q bytes, no T x T) and the
-    memory-efficient kernel; bf16/fp16 keep flash's native GQA.
-    """
+
+def causal_attention(q_BHTDh: torch.Tensor, k_BKTDh: torch.Tensor, v_BKTDh: torch.Tensor) -> torch.Tensor:
+    """Causal SDPA; query head h reads kv head h // (H / K) (GQA). Works for T == 1."""
     H, K = q_BHTDh.shape[1], k_BKTDh.shape[1]
-    if H != K and q_BHTDh.dtype not in (torch.float16, torch.bfloat16):
+    if H != K and not sdpa_reads_gqa(q_BHTDh.device.type, q_BHTDh.dtype):
         k_BKTDh, v_BKTDh = (t.repeat_interleave(H // K, dim=1) for t in (k_BKTDh, v_BKTDh))
     return F.scaled_dot_product_attention(q_BHTDh, k_BKTDh, v_BKTDh, is_causal=True,
                                           enable_gqa=H != k_BKTDh.shape[1])

@@ -10,8 +10,9 @@ ratio r = KV/H, m the matmul bytes: 4 in fp32, 2 in bf16 and bf16-mixed):
 - each RMSNorm keeps only its input, the residual stream (r_b bytes: fp32 4, bf16-mixed 4, bf16 2), and an fp32
   rsqrt per token, two norms: 2 (r_b h + 4) sb;
 - the q/k/v and w_0/w_1 inputs (the norm outputs; bf16 copies under autocast): 2 m sbh;
-- attention with flash/memory-efficient kernels (no s x s matrix): q, k, v and the output, (2 + 2r) m sbh/t in
-  bf16 (flash's native GQA), 4 m sbh/t in fp32 (k/v expanded to the query heads), plus o_proj's input m sbh/t;
+- attention with flash/memory-efficient kernels (no s x s matrix): q, k, v and the output, (2 + 2r) m sbh/t where
+  the kernel reads GQA itself (CUDA bf16, CPU), 4 m sbh/t where k/v are expanded to the query heads first (CUDA
+  fp32), plus o_proj's input m sbh/t;
 - SwiGLU: gate and up only (silu and w_2's input recomputed in backward), 2 m sbf/t.
 Sequence parallelism divides the norm and projection-input terms by t too. The fused loss head keeps one
 [sb, h] hidden-state gradient (/t under SP, where it takes the token shard) and an fp32 [V/t, h] weight gradient
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from megapico.config import MegapicoConfig, ModelConfig
+from megapico.model.pico_decoder import sdpa_reads_gqa
 from megapico.training.deepspeed_config import bucket_plan, resolve_precision
 from megapico.training.metrics import parameters_per_tp_rank
 
@@ -52,14 +54,16 @@ class MemoryEstimate:
 
 
 def activation_bytes(model: ModelConfig, micro_batch: int, seq_len: int, tp: int = 1, precision: str = "bf16-mixed",
-                     sequence_parallel: bool = False, checkpointed: bool = False) -> float:
-    """Bytes saved for backward by one forward of `micro_batch` sequences on one TP rank (formula above)."""
+                     sequence_parallel: bool = False, checkpointed: bool = False, device: str = "cuda") -> float:
+    """Bytes saved for backward by one forward of `micro_batch` sequences on one TP rank (formula above), on
+    `device` ("cuda" or "cpu"): which SDPA kernel runs, and so whether k/v are kept expanded, depends on it."""
     tokens, h, f = micro_batch * seq_len, model.d_model, model.activation_hidden_dim
     residual, matmul = RESIDUAL_BYTES[precision], MATMUL_BYTES[precision]
     norm = residual * h + 4  # per token: the norm's input and its fp32 rsqrt
     kv_ratio = model.attention_n_kv_heads / model.attention_n_heads
     sp = tp if sequence_parallel else 1
-    attention_units = 4 if precision == "fp32" else 2 + 2 * kv_ratio
+    matmul_dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+    attention_units = 2 + 2 * kv_ratio if sdpa_reads_gqa(device, matmul_dtype) else 4
     per_layer = tokens * (2 * norm / sp + 2 * matmul * h / sp + attention_units * matmul * h / tp
                           + matmul * h / tp + 2 * matmul * f / tp)
     head = tokens * (residual * h + norm) / sp + 4 * model.vocab_size * h / tp
