@@ -83,7 +83,9 @@ def build_engine(config: MegapicoConfig, parallel: ParallelState):  # noqa: ANN2
     apply_activation_checkpointing(model, config.training.activation_checkpointing)
     if config.training.compile:  # per block, in place (torchtitan): state-dict keys stay pico's
         for layer in model.layers:
-            layer.compile()
+            # fullgraph: a graph break (a host sync, an op dynamo cannot trace) fails the first step instead of
+            # silently splitting the block into slower pieces
+            layer.compile(fullgraph=True)
         # the loss head's per-chunk elementwise work: inductor's kernels on GPUs (H200, tiny's head at 32k tokens:
         # 0.0207 s vs 0.0356 s eager); on CPUs the eager in-place passes win (tiny, 2k tokens: 0.54 s vs 0.71 s)
         model.compile_loss_head = torch.cuda.is_available()
