@@ -56,8 +56,12 @@ def main():
                            generator=torch.Generator().manual_seed(0))
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     batch_tokens = inputs.numel()
+    # glibc's malloc maps each large tensor fresh and unmaps it when freed, so every step page-faults its big
+    # buffers back in (pico-train's fp32 logits most of all): the allocator settings change both steps' times
+    allocator = " ".join(f"{name}={value}" for name, value in sorted(os.environ.items())
+                         if name.startswith("MALLOC_") or name == "LD_PRELOAD") or "glibc malloc defaults"
     print(f"preset={args.preset} micro_batch={args.micro_batch} seq={args.seq} fp32 CPU "
-          f"threads={torch.get_num_threads()} torch {torch.__version__}")
+          f"threads={torch.get_num_threads()} torch {torch.__version__}; {allocator}")
 
     peer = load_pico_train_model(args.pico_train, config)
     peer_optimizer = torch.optim.AdamW(peer.parameters(), lr=3e-4, weight_decay=0.01)
