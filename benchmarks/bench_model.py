@@ -14,6 +14,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+from host import cpu_run_settings  # noqa: E402
 from reference_pico import ReferencePicoDecoder  # noqa: E402
 
 from megapico.config import MODEL_PRESETS  # noqa: E402
@@ -57,8 +58,7 @@ def main():
         results.setdefault("megapico", []).append(tokens_per_second(ours, batches, lambda m, x, y: m(x, y)))
         results.setdefault("eager", []).append(tokens_per_second(peer, batches, peer_loss))
     best = {name: max(values) for name, values in results.items()}
-    print(f"preset={args.preset} layers={config.n_layers} batch={args.batch} seq={args.seq} "
-          f"threads={torch.get_num_threads()}")
+    print(f"preset={args.preset} layers={config.n_layers} batch={args.batch} seq={args.seq} {cpu_run_settings()}")
     print(f"megapico {best['megapico']:,.0f} tok/s | plain eager {best['eager']:,.0f} tok/s | "
           f"ratio {best['megapico'] / best['eager']:.2f}x")
 

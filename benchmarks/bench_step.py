@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from distributed import run_distributed  # noqa: E402
+from host import cpu_run_settings  # noqa: E402
 from step_peers import load_pico_train_model, pretrain_engine, step_arguments  # noqa: E402
 
 from megapico.config import MODEL_PRESETS  # noqa: E402
@@ -56,12 +57,7 @@ def main():
                            generator=torch.Generator().manual_seed(0))
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     batch_tokens = inputs.numel()
-    # glibc's malloc maps each large tensor fresh and unmaps it when freed, so every step page-faults its big
-    # buffers back in (pico-train's fp32 logits most of all): the allocator settings change both steps' times
-    allocator = " ".join(f"{name}={value}" for name, value in sorted(os.environ.items())
-                         if name.startswith("MALLOC_") or name == "LD_PRELOAD") or "glibc malloc defaults"
-    print(f"preset={args.preset} micro_batch={args.micro_batch} seq={args.seq} fp32 CPU "
-          f"threads={torch.get_num_threads()} torch {torch.__version__}; {allocator}")
+    print(f"preset={args.preset} micro_batch={args.micro_batch} seq={args.seq} fp32 CPU {cpu_run_settings()}")
 
     peer = load_pico_train_model(args.pico_train, config)
     peer_optimizer = torch.optim.AdamW(peer.parameters(), lr=3e-4, weight_decay=0.01)

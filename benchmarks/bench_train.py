@@ -17,6 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 from distributed import run_distributed  # noqa: E402
+from host import cpu_run_settings  # noqa: E402
 
 from megapico.config import MODEL_PRESETS, ActivationCheckpointingConfig  # noqa: E402
 from megapico.model import PicoDecoder  # noqa: E402
@@ -88,7 +89,7 @@ def main():
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
     config = dataclasses.replace(MODEL_PRESETS[args.preset], max_seq_len=args.seq)
-    print(f"preset={args.preset} micro_batch={args.micro_batch} seq={args.seq} threads={torch.get_num_threads()}")
+    print(f"preset={args.preset} micro_batch={args.micro_batch} seq={args.seq} {cpu_run_settings()}")
     activation_checkpointing_table(config, args.micro_batch, args.seq, args.steps)
     import tempfile
 
