@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import training_overrides
+from conftest import TOKENIZER, training_overrides
 from convert_from_hf import main as from_hf_main
 from convert_to_hf import main as to_hf_main
 from distributed import train
@@ -20,7 +20,12 @@ from megapico.convert.checkpoint_reader import CheckpointError, load_checkpoint
 from megapico.convert.convert import export_checkpoint
 from megapico.data.builders import build_dataset
 from megapico.model import PicoDecoder
-from megapico.training.learning_dynamics import SUFFIXES, capture_learning_dynamics, fixed_batch
+from megapico.training.learning_dynamics import (
+    SUFFIXES,
+    capture_learning_dynamics,
+    first_sequences,
+    next_global_batch,
+)
 
 LD_BATCH = 6
 
@@ -91,15 +96,19 @@ def test_round_trip_hf_to_megapico_tp2_to_hf_and_continue_training(run, sample_p
 
 
 def test_learning_dynamics_files_and_values(run, sample_prefix):
+    """pico-train's meaning at TP=2 x DP=2 (global batch 4): step_N's train split is the batch step N + 1 trains,
+    its val split the first LD_BATCH eval samples; both equal a one-process TP=1 capture of the same weights."""
+    import datasets
+
     config = load_checkpoint(run / "checkpoints" / "step_2").config
     data = config.data
     train_ds = build_dataset(data.train_data_path, "train", 3 * 4, data.seq_len, data.seed, data.split)
-    batch = fixed_batch(train_ds, LD_BATCH)
+    eval_ds = build_dataset(data.train_data_path, "valid", 4, data.seq_len, data.seed, data.split)
     names = {f"layers.{i}.{suffix}" for i in range(2) for suffix in SUFFIXES}
     out_features = {"attention.v_proj": 32, "attention.o_proj": 96, "swiglu.w_2": 96}
     for step in (0, 2, 3):
         directory = run / "checkpoints" / f"step_{step}" / "learning_dynamics"
-        for split in ("train", "val"):
+        for split, rows in (("train", 4), ("val", LD_BATCH)):
             for kind in ("activations", "weights", "gradients"):
                 tensors = torch.load(directory / f"{split}_{kind}.pt")
                 assert set(tensors) == names
@@ -107,17 +116,22 @@ def test_learning_dynamics_files_and_values(run, sample_prefix):
                     assert tensor.dtype == torch.float32
                     suffix = name.split(".", 2)[2]
                     if kind == "activations":
-                        assert tensor.shape == (LD_BATCH, out_features[suffix])
-    # the TP=2 x DP=2 run's files equal a one-process TP=1 capture from the same weights and batch
+                        assert tensor.shape == (rows, out_features[suffix])
+        upcoming = next_global_batch(train_ds, 4 * step, 4)
+        saved = datasets.load_from_disk(str(directory / "train_data"))
+        assert saved.column_names == ["input_ids", "text"]
+        assert np.array_equal(np.asarray(saved["input_ids"]), upcoming)  # the batch of step N + 1, whole
+        assert saved["text"][0] == Tokenizer.from_file(str(TOKENIZER)).decode(upcoming[0].tolist())
     checkpoint = load_checkpoint(run / "checkpoints" / "step_2")
     model = PicoDecoder(checkpoint.config.model)
     model.load_state_dict(checkpoint.state_dict)
-    expected = capture_learning_dynamics(model, batch, micro_batch_size=2)
-    for kind in ("activations", "weights", "gradients"):
-        saved = torch.load(run / "checkpoints" / "step_2" / "learning_dynamics" / f"train_{kind}.pt")
-        for name in names:
-            torch.testing.assert_close(saved[name], expected[kind][name], atol=1e-5, rtol=1e-4, msg=f"{kind} {name}")
-    assert np.asarray(batch).shape == (LD_BATCH, data.seq_len + 1)
+    for split, sequences in (("train", next_global_batch(train_ds, 8, 4)), ("val", first_sequences(eval_ds, 6))):
+        expected = capture_learning_dynamics(model, sequences, micro_batch_size=2)
+        for kind in ("activations", "weights", "gradients"):
+            saved = torch.load(run / "checkpoints" / "step_2" / "learning_dynamics" / f"{split}_{kind}.pt")
+            for name in names:
+                torch.testing.assert_close(saved[name], expected[kind][name], atol=1e-5, rtol=1e-4,
+                                           msg=f"{split} {kind} {name}")
 
 
 def test_run_dir_for_pico_analyze(run, tmp_path):

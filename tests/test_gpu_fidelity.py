@@ -187,15 +187,16 @@ def _gathered_masters(rank, world_size, settings):
     engine, _ = build_engine(load_config(None, settings), ParallelState.build(1))
     weights = gather_master_weights(engine)
     held = [None] * world_size
-    torch.distributed.all_gather_object(held, weights is not None)
+    torch.distributed.all_gather_object(held, {key: value.clone() for key, value in weights.items()})
     return dict(held=held, weights=weights)
 
 
-def test_master_weights_are_gathered_onto_dp_rank_0_only(sample_prefix, tmp_path):
-    """bf16, DP=2: the learning-dynamics capture reads the fp32 masters on DP rank 0; no other rank holds a copy."""
+def test_master_weights_are_gathered_onto_every_dp_rank(sample_prefix, tmp_path):
+    """bf16, DP=2: the learning-dynamics capture, split over DP, reads the same fp32 masters on every DP rank."""
     settings = overrides(sample_prefix, tmp_path, **{"training.precision": "bf16", "model.vocab_size": 512})
     result = run_distributed(_gathered_masters, 2, settings, tmp_path=tmp_path)
-    assert result["held"] == [True, False]
+    first, second = result["held"]
+    assert first.keys() == second.keys() and all(torch.equal(first[key], second[key]) for key in first)
     torch.manual_seed(42)
     init = PicoDecoder(load_config(None, settings).model).state_dict()
     assert result["weights"].keys() == init.keys()
@@ -204,7 +205,7 @@ def test_master_weights_are_gathered_onto_dp_rank_0_only(sample_prefix, tmp_path
 
 @pytest.mark.parametrize("precision", ["bf16", "bf16-mixed"])
 def test_step_0_of_a_bf16_run_is_pico_fp32_init_exactly(sample_prefix, tmp_path, precision):
-    """At DP=2: in bf16 the capture reads the masters gathered onto DP rank 0."""
+    """At DP=2: in bf16 the capture reads the masters gathered onto every DP rank."""
     from megapico.convert.checkpoint_reader import load_checkpoint
 
     train(2, overrides(sample_prefix, tmp_path, **{

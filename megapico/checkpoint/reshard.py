@@ -112,26 +112,22 @@ def load_full_state_into_engine(engine, full: dict, tp_rank: int, tp_size: int) 
 
 
 @torch.no_grad()
-def gather_master_weights(engine) -> dict[str, torch.Tensor] | None:  # noqa: ANN001
-    """This TP rank's fp32 master weights, gathered from the ZeRO partitions of its DP group onto DP rank 0 (a
-    collective over DP; the other DP ranks get None and hold no copy). In a bf16 run these are the weights being
-    trained; the module holds only their bf16 rounding. The weights are views of one flat buffer."""
+def gather_master_weights(engine) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """This TP rank's fp32 master weights, all-gathered from the ZeRO partitions of its DP group onto every DP rank
+    (each then holds one fp32 copy of its TP shard, as the learning-dynamics capture, split over DP, needs). In a
+    bf16 run these are the weights being trained; the module holds only their bf16 rounding. The weights are
+    views of one flat buffer per parameter group."""
     optimizer = engine.optimizer
     group = optimizer.dp_process_group
-    receiving = torch.distributed.get_rank(group) == 0
     names = {param: name for name, param in engine.module.named_parameters()}
     weights = {}
     for index, params in enumerate(optimizer.bit16_groups):
         partition = optimizer.single_partition_of_fp32_groups[index]
         count = optimizer.partition_count[index]
-        flat = torch.empty(partition.numel() * count, dtype=partition.dtype, device=partition.device) \
-            if receiving else None
-        torch.distributed.gather(partition, list(flat.chunk(count)) if receiving else None,
-                                 dst=torch.distributed.get_global_rank(group, 0), group=group)
-        if not receiving:
-            continue
+        flat = torch.empty(partition.numel() * count, dtype=partition.dtype, device=partition.device)
+        torch.distributed.all_gather(list(flat.chunk(count)), partition, group=group)
         offset = 0
         for param in params:
             weights[names[param]] = flat[offset:offset + param.numel()].view(param.shape)
             offset += param.numel()
-    return weights if receiving else None
+    return weights

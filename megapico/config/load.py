@@ -20,7 +20,9 @@ class ConfigError(ValueError):
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "training.lr_decay_style": ("linear", "cosine"),
-    "training.precision": ("auto", "bf16-mixed", "bf16", "fp32"),
+    "training.precision": ("auto", "bf16-mixed", "bf16", "lightning-deepspeed-bf16", "fp32"),
+    "data.samples": ("megatron", "pretokenized"),
+    "evaluation.perplexity": ("tokens", "pico"),
     "training.nan_policy": ("stop", "skip"),
     "training.activation_checkpointing.mode": ("none", "full", "selective"),
     "checkpointing.verify": ("hash", "size"),

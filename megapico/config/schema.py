@@ -52,6 +52,10 @@ class DataConfig:
     """Seed of the document/sample shuffles."""
     cache_dir: str = ""
     """Where the sample-index .npy files go; empty = next to the data."""
+    samples: str = "megatron"
+    """megatron (Megatron's shuffled GPT samples of seq_len + 1 tokens that may span documents) | pretokenized
+    (pico-train's order: every document of train_data_path is one training sequence of exactly seq_len + 1 tokens,
+    in document order, no shuffle and no split; step s trains documents [(s-1) G, s G) for global batch G)."""
 
 
 @dataclass
@@ -83,9 +87,12 @@ class TrainingConfig:
     gradient_clipping: float = 0.0
     """0 = no clipping (pico's recipe)."""
     precision: str = "auto"
-    """bf16-mixed (pico-train's Lightning numerics: fp32 weights, gradients and optimizer, bf16 autocast for the
-    matmuls) | bf16 (DeepSpeed's: bf16 weights and activations, fp32 master weights, fp32 gradient accumulation
-    and reduction) | fp32 | auto (bf16-mixed on CUDA, fp32 on CPU)."""
+    """bf16-mixed (pico-train's one-device numerics, Lightning's bf16-mixed: fp32 weights, gradients and optimizer,
+    bf16 autocast for the matmuls) | bf16 (DeepSpeed's bf16 engine with pico's fp32 init in the masters and fp32
+    gradient accumulation and reduction) | lightning-deepspeed-bf16 (exactly what pico-train's multi-GPU runs, the
+    published ones included, execute: Lightning's DeepSpeed strategy turns bf16-mixed into DeepSpeed's
+    "bf16": {"enabled": true} with no autocast, masters taken from the bf16-cast module, DeepSpeed's default
+    gradient accumulation and reduction dtypes) | fp32 | auto (bf16-mixed on CUDA, fp32 on CPU)."""
     seed: int = 42
     """Seed of the weight initialisation (pico uses 42); identical on every rank so TP shards agree."""
     deepspeed_config: str = "ds_configs/zero2_cpu.json"
@@ -109,15 +116,27 @@ class EvaluationConfig:
     """Micro batches per evaluation on each DP rank; 0 = the whole eval set."""
     name: str = "paloma"
     """Key of the perplexity in eval_results/step_N.json and wandb (eval/<name>)."""
+    perplexity: str = "tokens"
+    """tokens (exp of the mean token NLL over seq_len samples of the eval set) | pico (pico-train's Paloma: each
+    document of the eval prefix is one text, its first model.max_seq_len tokens scored with no start token,
+    the reported value the mean over texts of exp(mean NLL): HF evaluate's perplexity, add_start_token=False)."""
 
 
 @dataclass
 class LearningDynamicsConfig:
+    """pico-train's learning dynamics: at step_N the train split is the whole global batch that step N + 1 trains;
+    the val split is every sequence of eval_data_path (else the first batch_size samples of the eval set)."""
+
     enabled: bool = True
     batch_size: int = 256
-    """Sequences in the fixed learning-dynamics batch (pico-analyze's pwcca wants more than d_model)."""
+    """Val sequences taken from the eval set when eval_data_path is empty (pico-analyze's pwcca wants more than
+    d_model). The train split is always the next global batch."""
     micro_batch_size: int = 4
-    """Sequences per fp32 forward/backward of the capture: its activation memory, beside training's."""
+    """Sequences per fp32 forward/backward of the capture on each DP rank: its activation memory, beside
+    training's."""
+    eval_data_path: str = ""
+    """A .bin/.idx prefix whose every document is one val sequence at its own length (pico's
+    pretokenized-paloma-tinsy val rows, preprocessed with --json-keys input_ids); empty = the eval set."""
 
 
 @dataclass

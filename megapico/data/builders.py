@@ -3,9 +3,11 @@
 import math
 from pathlib import Path
 
+from megapico.config import DataConfig
 from megapico.data.blended_dataset import BlendedDataset
 from megapico.data.gpt_dataset import GPTDataset
 from megapico.data.indexed_dataset import DataError, IndexedDataset
+from megapico.data.pretokenized_dataset import PretokenizedDataset
 
 
 def parse_blend(paths: list[str]) -> list[tuple[float, str]]:
@@ -40,3 +42,17 @@ def build_dataset(paths: list[str], split_name: str, num_samples: int, seq_len: 
         return datasets[0]
     cache = Path(cache_dir) if cache_dir else Path(blend[0][1]).parent / "index-cache"
     return BlendedDataset(datasets, [weight / total for weight, _ in blend], num_samples, cache)
+
+
+def build_train_dataset(data: DataConfig, num_samples: int) -> GPTDataset | BlendedDataset | PretokenizedDataset:
+    """The training samples per data.samples: Megatron's shuffled GPT samples of the train split (at least
+    num_samples of them), or pico-train's pretokenized rows of one prefix in document order."""
+    if data.samples == "megatron":
+        return build_dataset(data.train_data_path, "train", num_samples, data.seq_len, data.seed, data.split,
+                             data.cache_dir)
+    blend = parse_blend(data.train_data_path)
+    if len(blend) > 1:
+        raise DataError(f"data.train_data_path {data.train_data_path}: data.samples=pretokenized reads one prefix in "
+                        f"pico-train's row order, not a weighted blend; merge the prefixes in the order to train "
+                        f"(tools/merge_datasets.py) or use data.samples=megatron")
+    return PretokenizedDataset(IndexedDataset(blend[0][1]), data.seq_len)

@@ -192,6 +192,10 @@ class IndexedDataset:
     def __getitem__(self, index: int) -> np.ndarray:
         return self.get(index)
 
+    def token_stream(self) -> np.ndarray:
+        """Every token of the .bin in order (the sequences back to back, as the writer lays them): a memory map."""
+        return self._bin
+
     def max_token_id(self, first_tokens: int = 1 << 24) -> int:
         """Largest id among the first `first_tokens` tokens (a bounded look; -1 when empty)."""
         head = self._bin[:first_tokens]

@@ -39,10 +39,29 @@ def is_saved_hf_dataset(path: Path) -> bool:
     return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
 
 
+def hub_cache_snapshot(path: Path) -> Path | None:
+    """A HF hub cache folder of one repository (datasets--ORG--NAME with refs/, snapshots/, blobs/) -> the snapshot
+    refs/main names, or its only one; None for any other directory."""
+    snapshots = path / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    main = path / "refs" / "main"
+    if main.is_file() and (snapshots / main.read_text().strip()).is_dir():
+        return snapshots / main.read_text().strip()
+    found = sorted(p for p in snapshots.iterdir() if p.is_dir())
+    if len(found) != 1:
+        raise DataError(f"{path}: a HF cache folder with {len(found)} snapshots and no refs/main; pass the one to "
+                        f"read ({path}/snapshots/REVISION)")
+    return found[0]
+
+
 def discover_sources(input_spec: str) -> list[str]:
-    """A file, a directory (Dolma's documents/*.json.gz, or any supported files below it), a saved HF dataset
-    or a glob -> the sorted list of sources."""
+    """A file, a directory (Dolma's documents/*.json.gz, a download of pico-lm/pretokenized-dolma with
+    data/train-*.parquet, any supported files below it), a HF hub cache folder (its snapshot), a saved HF dataset
+    or a glob -> the sources in name order (pico-train's file order)."""
     path = Path(input_spec)
+    if path.is_dir():
+        path = hub_cache_snapshot(path) or path
     if is_saved_hf_dataset(path):
         return [str(path)]
     if path.is_file():
@@ -86,8 +105,28 @@ def _json_chunks(path: str) -> Iterator[Chunk]:
                 return
 
 
-def _parquet_chunks(path: str, keys: list[str]) -> Iterator[Chunk]:
+def _arrow_chunk(path: str, first_row: int, num_bytes: int, batch, keys: list[str]) -> Chunk:  # noqa: ANN001
+    """One record batch (parquet or a saved HF dataset) as a Chunk: list-of-integer columns become token ids
+    (flat numpy + lengths, straight from the Arrow buffers), other columns texts."""
     import pyarrow as pa
+
+    texts, token_ids = {}, {}
+    for key in keys:
+        column = batch.column(key)
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+            if not pa.types.is_integer(column.type.value_type):
+                raise DataError(f"{path}: column '{key}' is a list of {column.type.value_type}, not token ids")
+            offsets = column.offsets.to_numpy()
+            ids = column.values.slice(offsets[0], offsets[-1] - offsets[0]).to_numpy()
+            token_ids[key] = (ids.astype(np.int64, copy=False), np.diff(offsets).astype(np.int64))
+        else:
+            texts[key] = column.to_pylist()
+    return Chunk(path, first_row, num_bytes, texts=texts or None, token_ids=token_ids or None)
+
+
+def _parquet_chunks(path: str, keys: list[str]) -> Iterator[Chunk]:
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(path)
@@ -96,19 +135,9 @@ def _parquet_chunks(path: str, keys: list[str]) -> Iterator[Chunk]:
         raise DataError(f"{path}: no column '{missing[0]}' (columns: {', '.join(parquet.schema_arrow.names)}); "
                         f"pick one with --json-keys")
     total, row = Path(path).stat().st_size, 1
-    per_batch = total / max(parquet.metadata.num_rows, 1)
+    per_row = total / max(parquet.metadata.num_rows, 1)
     for batch in parquet.iter_batches(batch_size=CHUNK_ROWS, columns=keys):
-        texts, token_ids = {}, {}
-        for key in keys:
-            column = batch.column(key)
-            if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-                if not pa.types.is_integer(column.type.value_type):
-                    raise DataError(f"{path}: column '{key}' is a list of {column.type.value_type}, not token ids")
-                offsets = column.offsets.to_numpy()
-                token_ids[key] = (column.flatten().to_numpy().astype(np.int64), np.diff(offsets).astype(np.int64))
-            else:
-                texts[key] = column.to_pylist()
-        yield Chunk(path, row, int(per_batch * batch.num_rows), texts=texts or None, token_ids=token_ids or None)
+        yield _arrow_chunk(path, row, int(per_row * batch.num_rows), batch, keys)
         row += batch.num_rows
 
 
@@ -124,10 +153,10 @@ def _hf_chunks(path: str, keys: list[str], split: str) -> Iterator[Chunk]:
     if missing:
         raise DataError(f"{path}: no column '{missing[0]}' (columns: {', '.join(dataset.column_names)})")
     row = 1
-    for batch in dataset.iter(batch_size=CHUNK_ROWS):
-        count = len(batch[keys[0]])
-        yield Chunk(path, row, 0, texts={key: batch[key] for key in keys})
-        row += count
+    # Arrow record batches of the memory-mapped files, in row order: no Python lists of token ids
+    for batch in dataset.select_columns(keys).with_format("arrow").iter(batch_size=CHUNK_ROWS):
+        yield _arrow_chunk(path, row, 0, batch, keys)
+        row += batch.num_rows
 
 
 def read_chunks(source: str, keys: list[str], hf_split: str = "train") -> Iterator[Chunk]:

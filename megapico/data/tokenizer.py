@@ -31,6 +31,10 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
+    def decode_batch(self, id_lists: list[list[int]]) -> list[str]:
+        """Texts of token-id lists, special tokens left out (pico-train's decode for its train_data/)."""
+        raise NotImplementedError
+
 
 def _flatten(id_lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.fromiter((len(ids) for ids in id_lists), dtype=np.int64, count=len(id_lists))
@@ -83,6 +87,9 @@ class HuggingFaceTokenizer(Tokenizer):
         encodings = self._tokenizer.encode_batch_fast(texts, add_special_tokens=False)
         return _flatten([encoding.ids for encoding in encodings])
 
+    def decode_batch(self, id_lists: list[list[int]]) -> list[str]:
+        return self._tokenizer.decode_batch(id_lists, skip_special_tokens=True)
+
 
 class SentencePieceTokenizer(Tokenizer):
     def __init__(self, path: str) -> None:
@@ -102,6 +109,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode_batch(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         return _flatten(self._processor.encode(texts))
+
+    def decode_batch(self, id_lists: list[list[int]]) -> list[str]:
+        return self._processor.decode(id_lists)
 
 
 TOKENIZER_TYPES = {"HuggingFaceTokenizer": HuggingFaceTokenizer, "SentencePieceTokenizer": SentencePieceTokenizer}

@@ -30,6 +30,7 @@ from megapico.parallel import (
     gather_from_sequence_parallel,
     gather_from_tensor_parallel,
     vocab_parallel_linear_cross_entropy,
+    vocab_parallel_token_nll,
 )
 from megapico.parallel.layers import matmul_dtype
 
@@ -283,3 +284,13 @@ class PicoDecoder(nn.Module):
                                                    self.tp_group, chunk_tokens=self.loss_chunk_tokens,
                                                    compiled=self.compile_loss_head,
                                                    sequence_parallel=self.sequence_parallel)
+
+    @torch.no_grad()
+    def token_nll(self, input_ids_BT: torch.Tensor, labels_BT: torch.Tensor) -> torch.Tensor:
+        """Per-token cross-entropy [B, T] in fp32 (0 where the label is -100), from the chunked vocab-parallel head
+        without logits or gradients: what an evaluation needs to score each sequence on its own."""
+        B, T = input_ids_BT.shape
+        h = self.output_norm(self.hidden_states(input_ids_BT))
+        x_ND = enter_tensor_parallel(h, self.tp_group, self.sequence_parallel, T).reshape(B * T, -1)
+        return vocab_parallel_token_nll(x_ND, self.de_embedding_proj.weight, labels_BT.reshape(B * T), self.tp_group,
+                                        chunk_tokens=self.loss_chunk_tokens).view(B, T)

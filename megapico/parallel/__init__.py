@@ -1,6 +1,6 @@
 """Tensor parallelism: process groups (and DeepSpeed's mpu), autograd mappings, layers, vocab-parallel loss."""
 
-from megapico.parallel.cross_entropy import vocab_parallel_linear_cross_entropy
+from megapico.parallel.cross_entropy import vocab_parallel_linear_cross_entropy, vocab_parallel_token_nll
 from megapico.parallel.layers import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -29,5 +29,5 @@ __all__ = [
     "agree_across_ranks", "copy_to_tensor_parallel", "default_backend", "free_port", "gather_from_sequence_parallel",
     "gather_from_tensor_parallel", "init_distributed", "reduce_from_tensor_parallel",
     "reduce_scatter_to_sequence_parallel", "scatter_to_tensor_parallel", "column_parallel_linears",
-    "vocab_parallel_linear_cross_entropy",
+    "vocab_parallel_linear_cross_entropy", "vocab_parallel_token_nll",
 ]

@@ -93,6 +93,29 @@ class _CompiledChunk:
         return _compiled_kernels()[1](logits, log_sum_exp, local_target, here, row_scale, dtype)
 
 
+def _local_targets(labels: torch.Tensor, ignore_index: int, vocab_start: int,
+                   vocab_local: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(valid, target column in this rank's shard [c, 1], target is in this rank's shard) of a chunk's labels."""
+    valid = labels != ignore_index
+    local_target = labels - vocab_start
+    here = valid & (local_target >= 0) & (local_target < vocab_local)
+    return valid, local_target.clamp(0, vocab_local - 1).unsqueeze(-1), here
+
+
+def _global_statistics(chunk, logits: torch.Tensor, local_target: torch.Tensor, here: torch.Tensor,  # noqa: ANN001
+                       group: ProcessGroup | None) -> tuple[torch.Tensor, torch.Tensor, object]:
+    """(log-sum-exp over the whole vocabulary, target logit, the chunk's state for its gradient) per token: one
+    all-gather of three [c] scalars over TP, never the vocabulary."""
+    (local_max, local_sum, target_logit), chunk_state = chunk.statistics(logits, local_target, here)
+    if group_size(group) == 1:
+        return local_max + local_sum.log(), target_logit, chunk_state
+    maxes, sums, targets = all_gather_dim0(
+        torch.stack((local_max, local_sum, target_logit)).unsqueeze(0), group).unbind(1)
+    global_max = maxes.max(dim=0).values
+    log_sum_exp = global_max + (sums * (maxes - global_max).exp()).sum(dim=0).log()
+    return log_sum_exp, targets.sum(dim=0), chunk_state
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND: torch.Tensor, weight_VD: torch.Tensor, labels_N: torch.Tensor,  # noqa: ANN001
@@ -119,21 +142,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if sequence_parallel:
                     x_c = all_gather_dim0(x_c, group)  # [tp * c, D]: this slice of every rank's tokens
                 labels_c = labels_by_rank[:, start:start + step].reshape(-1)
-                valid = labels_c != ignore_index
-                local_target = labels_c - vocab_start
-                here = valid & (local_target >= 0) & (local_target < vocab_local)
-                local_target = local_target.clamp(0, vocab_local - 1).unsqueeze(-1)
-
+                valid, local_target, here = _local_targets(labels_c, ignore_index, vocab_start, vocab_local)
                 logits = x_c @ weight.t()  # [c, V/tp] in the matmul dtype; read as fp32 below
-                (local_max, local_sum, target_logit), chunk_state = chunk.statistics(logits, local_target, here)
-                if tp > 1:
-                    maxes, sums, targets = all_gather_dim0(
-                        torch.stack((local_max, local_sum, target_logit)).unsqueeze(0), group).unbind(1)
-                    global_max = maxes.max(dim=0).values
-                    log_sum_exp = global_max + (sums * (maxes - global_max).exp()).sum(dim=0).log()
-                    target_logit = targets.sum(dim=0)
-                else:
-                    log_sum_exp = local_max + local_sum.log()
+                log_sum_exp, target_logit, chunk_state = _global_statistics(chunk, logits, local_target, here, group)
                 loss_sum += (log_sum_exp - target_logit).masked_fill(~valid, 0.0).sum()
                 if grad_x is None and grad_w is None:
                     continue
@@ -178,3 +189,27 @@ def vocab_parallel_linear_cross_entropy(x_ND: torch.Tensor, weight_VD: torch.Ten
                          f"{group_size(group)} ranks; pass this rank's token block and the labels of all of them")
     return _LinearCrossEntropy.apply(x_ND, weight_VD, labels_N, group, ignore_index, chunk_tokens, compiled,
                                      sequence_parallel)
+
+
+@torch.no_grad()
+def vocab_parallel_token_nll(x_ND: torch.Tensor, weight_VD: torch.Tensor, labels_N: torch.Tensor,
+                             group: ProcessGroup | None = None, ignore_index: int = -100,
+                             chunk_tokens: int = 1024) -> torch.Tensor:
+    """Per-token cross-entropy [N] in fp32 (0 where the label is ignore_index) of the logits x @ weight.T, with the
+    same chunked vocab-parallel statistics as the loss head and no gradients: evaluations that need each text's
+    own NLL (pico's per-text perplexity). x_ND holds all N tokens on every TP rank."""
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    dtype = matmul_dtype(x_ND)
+    with torch.autocast(x_ND.device.type, enabled=False):
+        x, weight = x_ND.to(dtype), weight_VD.to(dtype)
+        vocab_local = weight.shape[0]
+        vocab_start = group_rank(group) * vocab_local
+        nll = torch.zeros(x.shape[0], dtype=torch.float32, device=x.device)
+        for start in range(0, x.shape[0], chunk_tokens):
+            valid, local_target, here = _local_targets(labels_N[start:start + chunk_tokens], ignore_index,
+                                                       vocab_start, vocab_local)
+            log_sum_exp, target_logit, _ = _global_statistics(_EagerChunk, x[start:start + chunk_tokens] @ weight.t(),
+                                                              local_target, here, group)
+            nll[start:start + chunk_tokens] = (log_sum_exp - target_logit).masked_fill(~valid, 0.0)
+    return nll

@@ -28,8 +28,17 @@ def resolve_precision(config: MegapicoConfig, cuda: bool | None = None) -> str:
     return precision
 
 
+BF16_ENGINE = ("bf16", "lightning-deepspeed-bf16")
+
+
 def use_bf16(config: MegapicoConfig) -> bool:
     """Whether DeepSpeed's bf16 engine (bf16 module, fp32 masters) runs; bf16-mixed keeps an fp32 engine."""
+    return resolve_precision(config) in BF16_ENGINE
+
+
+def masters_from_fp32_init(config: MegapicoConfig) -> bool:
+    """megapico's bf16 loads pico's fp32 initialisation into the masters after DeepSpeed cast the module;
+    lightning-deepspeed-bf16 keeps what DeepSpeed (under Lightning) does: masters cloned from the bf16 weights."""
     return resolve_precision(config) == "bf16"
 
 
@@ -85,7 +94,9 @@ def build_deepspeed_config(config: MegapicoConfig, dp_size: int) -> dict:
         raise ConfigError(f"{path}: bf16.enabled={ds['bf16']['enabled']} disagrees with training.precision="
                           f"{train.precision} (resolved: {resolve_precision(config)})")
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
-    if bf16:  # DeepSpeed would accumulate the micro-steps and reduce over DP in bf16; pico and Megatron use fp32
+    # DeepSpeed would accumulate the micro-steps and reduce over DP in bf16; Megatron uses fp32, and so does
+    # megapico's bf16. lightning-deepspeed-bf16 leaves both keys to DeepSpeed's defaults, as Lightning does.
+    if resolve_precision(config) == "bf16":
         for key, value in FP32_GRADIENTS.items():
             if ds.get(key, value) != value:
                 raise ConfigError(f"{path}: {key}={ds[key]} would accumulate or reduce gradients in bf16; megapico's "

@@ -1,35 +1,53 @@
 """pico's learning-dynamics data, captured at step 0 and at every checkpoint (pico-train's
-src/checkpointing/learning_dynamics.py, for a tensor-parallel model).
+src/checkpointing/learning_dynamics.py and the calls in src/training/trainer.py, for a TP x DP model).
 
-For a fixed batch of train data and of eval data: for attention.v_proj, attention.o_proj and swiglu.w_2 of
-every layer, the module output at the last position of each sequence ([batch, out_features]), the weight, and
-the weight's gradient of the mean token loss over the whole batch; fp32, keyed `layers.{i}.{suffix}`.
+Which sequences (pico-train's meaning): at step_N the train split is the weights of step N and the whole global
+batch that step N + 1 trains (G sequences), saved with `train_data/` (HF datasets save_to_disk: input_ids and
+decoded text); the val split is every sequence of the learning-dynamics eval set, each at its own length. For
+attention.v_proj, attention.o_proj and swiglu.w_2 of every layer: the module output at the last position of each
+sequence ([sequences, out_features]), the weight, and the weight's gradient of the mean token loss over the whole
+split; fp32, keyed `layers.{i}.{suffix}`. (pico-train's own gradient is the sum of its extraction sub-batches'
+mean losses, i.e. ours times the number of sub-batches when they are of equal size; see the README.)
 
-The work runs on a separate fp32 probe model built from the fp32 weights being trained (in a bf16 run: the
-ZeRO master weights, not the module's bf16 rounding), so DeepSpeed's gradient hooks and partitions are
-untouched and step 0 is pico's initial model exactly. It walks the batch in its own micro batches
-(checkpointing.learning_dynamics.micro_batch_size) and copies only the kept rows out of each output, so its
-extra memory is the probe (weights + gradients), one micro batch of activations and the [batch, out] rows.
-Under TP every tensor is gathered into the full one, the numbers a TP=1 model gives. The TP group of DP
-rank 0 computes and global rank 0 writes `learning_dynamics/{train,val}_{activations,weights,gradients}.pt`.
+The work runs on a separate fp32 probe built from the fp32 weights being trained (in a bf16 run: the ZeRO
+masters, not the module's bf16 rounding), so DeepSpeed's gradient hooks and partitions are untouched and step 0
+is pico's initial model exactly. It is split over the DP ranks: the split's sequences go into micro batches of
+one length (at most checkpointing.learning_dynamics.micro_batch_size x the longest sequence in tokens), DP rank r
+takes micro batches r, r + DP, ..., one fp32 forward/backward at a time, and copies only the kept rows out of
+each output. The rows and the gradients are then summed over DP onto DP rank 0 (each row is non-zero on exactly
+one rank) and, under TP, gathered into the full tensors there: the numbers a one-process TP=1 model gives.
+Extra memory per rank: the probe (weights + gradients), one micro batch of activations and the [sequences, out]
+rows. Global rank 0 writes `learning_dynamics/{train,val}_{activations,weights,gradients}.pt`.
 """
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
+from megapico.data.pretokenized_dataset import length_batches
+from megapico.data.tokenizer import Tokenizer
 from megapico.model import PicoDecoder, gather_full_tensor
 from megapico.parallel.mappings import all_gather_last_dim, group_size
 
 SUFFIXES = ("attention.v_proj", "attention.o_proj", "swiglu.w_2")
 
 
-def fixed_batch(dataset, batch_size: int) -> np.ndarray:  # noqa: ANN001
-    """The first batch_size samples (seq_len + 1 tokens each) of a dataset: the same at every step."""
-    count = min(batch_size, len(dataset))
-    return np.stack([dataset[index] for index in range(count)])
+def next_global_batch(dataset, consumed_samples: int, global_batch: int) -> np.ndarray | None:  # noqa: ANN001
+    """The G sequences the next step trains (samples [consumed, consumed + G) of the training order), or None when
+    the dataset ends before them (pico-train's final checkpoint has no train split either)."""
+    start = consumed_samples
+    if start + global_batch > len(dataset):
+        return None
+    return np.stack([dataset[index] for index in range(start, start + global_batch)])
+
+
+def first_sequences(dataset, count: int) -> list[np.ndarray]:  # noqa: ANN001
+    """The first `count` sequences of a dataset (all of them if it holds fewer), each at its own length."""
+    return [np.asarray(dataset[index]) for index in range(min(count, len(dataset)))]
 
 
 def build_probe(model: PicoDecoder, weights: dict[str, torch.Tensor], device: torch.device | None) -> PicoDecoder:
@@ -42,20 +60,29 @@ def build_probe(model: PicoDecoder, weights: dict[str, torch.Tensor], device: to
     return probe
 
 
-def capture_learning_dynamics(model: PicoDecoder, samples: np.ndarray, micro_batch_size: int,
-                              device: torch.device | None = None, weights: dict[str, torch.Tensor] | None = None
-                              ) -> dict[str, dict[str, torch.Tensor]]:
-    """{"activations" | "weights" | "gradients": {"layers.{i}.{suffix}": fp32 CPU tensor}}; collective over TP.
+def _dp_layout(dp_group: ProcessGroup | None) -> tuple[int, int]:
+    if dp_group is None:
+        return 0, 1
+    return dist.get_rank(dp_group), dist.get_world_size(dp_group)
 
-    `weights`: this TP rank's fp32 weights to probe (default: the model's own, cast to fp32)."""
+
+def capture_learning_dynamics(model: PicoDecoder, sequences: Sequence[np.ndarray], micro_batch_size: int,
+                              device: torch.device | None = None, weights: dict[str, torch.Tensor] | None = None,
+                              dp_group: ProcessGroup | None = None) -> dict[str, dict[str, torch.Tensor]] | None:
+    """{"activations" | "weights" | "gradients": {"layers.{i}.{suffix}": fp32 CPU tensor}} on DP rank 0, None on
+    the others; collective over TP and DP. `sequences`: token arrays of any lengths >= 2 (inputs + the shifted
+    last label). `weights`: this TP rank's fp32 weights to probe (default: the model's own, cast to fp32)."""
     probe = build_probe(model, weights if weights is not None else model.state_dict(), device)
-    group = model.tp_group
+    tp_group = model.tp_group
+    dp_rank, dp_size = _dp_layout(dp_group)
     names = [f"layers.{i}.{suffix}" for i in range(model.config.n_layers) for suffix in SUFFIXES]
     modules = dict(probe.named_modules())
-    full_width = {name: modules[name].weight.shape[0] * (group_size(group) if name.endswith("v_proj") else 1)
+    full_width = {name: modules[name].weight.shape[0] * (group_size(tp_group) if name.endswith("v_proj") else 1)
                   for name in names}  # v_proj's output is split over TP ranks; o_proj's and w_2's are reduced
-    rows = {name: torch.empty(len(samples), full_width[name], device=device) for name in names}
-    cursor = [0]  # first row of the current micro batch
+    rows = {name: torch.zeros(len(sequences), full_width[name], device=device) for name in names}
+    lengths = np.array([len(sequence) for sequence in sequences], dtype=np.int64)
+    predictions = int((lengths - 1).sum())  # the loss is the mean over every predicted token of the split
+    current = [torch.empty(0, dtype=torch.long)]  # indices of the current micro batch's sequences
 
     def hook_for(name: str):  # noqa: ANN202
         column_parallel = name.endswith("v_proj")
@@ -63,39 +90,60 @@ def capture_learning_dynamics(model: PicoDecoder, samples: np.ndarray, micro_bat
         def hook(module, inputs, output) -> None:  # noqa: ANN001
             last = output[:, -1, :].detach()
             if column_parallel:
-                last = all_gather_last_dim(last, group)
-            rows[name][cursor[0]:cursor[0] + len(last)] = last  # a copy: the [b, T, out] output is not kept
+                last = all_gather_last_dim(last, tp_group)
+            rows[name].index_copy_(0, current[0], last.float())  # a copy: the [b, T, out] output is not kept
         return hook
 
     handles = [modules[name].register_forward_hook(hook_for(name)) for name in names]
-    tokens = torch.from_numpy(np.asarray(samples)).long()
-    for start in range(0, len(tokens), micro_batch_size):
-        chunk = tokens[start:start + micro_batch_size].to(device)
-        cursor[0] = start
-        loss = probe(chunk[:, :-1], chunk[:, 1:]) * (len(chunk) / len(tokens))  # mean over the whole batch
+    micro_batches = length_batches(lengths, micro_batch_size * int(lengths.max(initial=1)), equal_lengths=True)
+    for indices in micro_batches[dp_rank::dp_size]:
+        tokens = torch.from_numpy(np.stack([sequences[i] for i in indices])).long().to(device)
+        current[0] = torch.from_numpy(indices).to(device)
+        loss = probe(tokens[:, :-1], tokens[:, 1:]) * (tokens[:, 1:].numel() / predictions)
         loss.backward()
         del loss
     for handle in handles:
         handle.remove()
-    weights_out, gradients = {}, {}
-    for name in names:
-        param = modules[name].weight
-        weights_out[name] = gather_full_tensor(f"{name}.weight", param.detach(), group).float().cpu()
-        gradients[name] = gather_full_tensor(f"{name}.weight", param.grad, group).float().cpu()
+    gradients = {name: modules[name].weight.grad if modules[name].weight.grad is not None
+                 else torch.zeros_like(modules[name].weight) for name in names}  # a DP rank with no micro batch
+    if dp_size > 1:
+        root = dist.get_global_rank(dp_group, 0)
+        for tensor in (*rows.values(), *gradients.values()):
+            dist.reduce(tensor, dst=root, group=dp_group)
+    if dp_rank != 0:
+        return None
+    weights_out = {name: gather_full_tensor(f"{name}.weight", modules[name].weight.detach(), tp_group).float().cpu()
+                   for name in names}
+    gradients = {name: gather_full_tensor(f"{name}.weight", gradients[name], tp_group).float().cpu()
+                 for name in names}
     return dict(activations={name: kept.cpu() for name, kept in rows.items()}, weights=weights_out,
                 gradients=gradients)
 
 
+def save_train_data(rows: np.ndarray, tokenizer: Tokenizer | None, directory: Path) -> None:
+    """pico-train's `train_data/`: the batch as an HF dataset (input_ids, and text decoded without special tokens
+    when the run names its tokenizer), written with save_to_disk."""
+    import datasets
+
+    columns = {"input_ids": rows.tolist()}
+    if tokenizer is not None:
+        columns["text"] = tokenizer.decode_batch(columns["input_ids"])
+    datasets.Dataset.from_dict(columns).save_to_disk(str(directory))
+
+
 def save_learning_dynamics(model: PicoDecoder, weights: dict[str, torch.Tensor] | None,
-                           batches: dict[str, np.ndarray], directory: Path, micro_batch_size: int, dp_rank: int,
-                           device: torch.device | None = None) -> None:
-    """Capture for every split in `batches` ("train", "val") and write the files; call on every rank. `weights`
-    (this TP rank's fp32 weights, default the model's own) are read on DP rank 0 only."""
-    if dp_rank == 0:
-        for split, samples in batches.items():
-            states = capture_learning_dynamics(model, samples, micro_batch_size, device, weights)
-            if dist.get_rank() == 0:
-                directory.mkdir(parents=True, exist_ok=True)
-                for kind, tensors in states.items():
-                    torch.save(tensors, directory / f"{split}_{kind}.pt")
+                           splits: dict[str, Sequence[np.ndarray]], directory: Path, micro_batch_size: int,
+                           dp_group: ProcessGroup | None = None, device: torch.device | None = None,
+                           tokenizer: Tokenizer | None = None) -> None:
+    """Capture every split in `splits` ("train": the next global batch, "val") and write the files (plus
+    train_data/ for the train split); call on every rank. `weights`: this TP rank's fp32 weights (default the
+    model's own)."""
+    for split, sequences in splits.items():
+        states = capture_learning_dynamics(model, sequences, micro_batch_size, device, weights, dp_group)
+        if dist.get_rank() == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            for kind, tensors in states.items():
+                torch.save(tensors, directory / f"{split}_{kind}.pt")
+            if split == "train":
+                save_train_data(np.asarray(sequences), tokenizer, directory / "train_data")
     dist.barrier()

@@ -75,10 +75,13 @@ def activation_bytes(model: ModelConfig, micro_batch: int, seq_len: int, tp: int
 def estimate_memory(model: ModelConfig, gpus: int, tp: int, micro_batch: int, seq_len: int,
                     precision: str = "bf16-mixed", sequence_parallel: bool = False,
                     loss_chunk_tokens: int = 1024) -> MemoryEstimate:
-    """precision: bf16-mixed (fp32 module + autocast's bf16 weight copies, fp32 residual stream), bf16 (DeepSpeed's
-    bf16 module and activations) or fp32. All three keep fp32 gradient partitions, masters and Adam moments.
+    """precision: bf16-mixed (fp32 module + autocast's bf16 weight copies, fp32 residual stream), bf16 or
+    lightning-deepspeed-bf16 (DeepSpeed's bf16 module and activations) or fp32. All keep fp32 gradient
+    partitions, masters and Adam moments.
     Activations include the loss head's working set while it runs: one chunk's logits, fp32 softmax and
     gradient ([chunk, V/t] each)."""
+    if precision == "lightning-deepspeed-bf16":  # the same bf16 engine; its bf16 gradients are counted as bf16's
+        precision = "bf16"
     dp = gpus // tp
     params = parameters_per_tp_rank(model, tp)
     bucket, _ = bucket_plan(int(params), dp)

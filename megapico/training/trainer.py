@@ -29,16 +29,21 @@ from megapico.checkpoint.training_state import (
     save_training_checkpoint,
 )
 from megapico.config import ConfigError, MegapicoConfig, config_to_yaml, save_config, validate_config
-from megapico.data.builders import build_dataset, parse_blend
+from megapico.data.builders import build_dataset, build_train_dataset, parse_blend
 from megapico.data.indexed_dataset import DataError, IndexedDataset
+from megapico.data.pretokenized_dataset import TextDocuments
 from megapico.data.sampler import PretrainingSampler, collate_samples
 from megapico.data.tokenizer import load_tokenizer
 from megapico.model import PicoDecoder
 from megapico.parallel import ParallelState, init_distributed
 from megapico.training.activation_checkpointing import apply_activation_checkpointing
-from megapico.training.deepspeed_config import build_deepspeed_config, resolve_precision, use_bf16
-from megapico.training.evaluation import evaluate_perplexity
-from megapico.training.learning_dynamics import fixed_batch, save_learning_dynamics
+from megapico.training.deepspeed_config import (
+    build_deepspeed_config,
+    masters_from_fp32_init,
+    resolve_precision,
+)
+from megapico.training.evaluation import evaluate_perplexity, evaluate_text_perplexity
+from megapico.training.learning_dynamics import first_sequences, next_global_batch, save_learning_dynamics
 from megapico.training.logger import RunLogger
 from megapico.training.metrics import flops_per_token
 from megapico.training.preemption import StopSignal
@@ -89,8 +94,8 @@ def build_engine(config: MegapicoConfig, parallel: ParallelState):  # noqa: ANN2
         # the loss head's per-chunk elementwise work: inductor's kernels on GPUs (H200, tiny's head at 32k tokens:
         # 0.0207 s vs 0.0356 s eager); on CPUs the eager in-place passes win (tiny, 2k tokens: 0.54 s vs 0.71 s)
         model.compile_loss_head = torch.cuda.is_available()
-    bf16 = use_bf16(config)
-    fp32_init = {name: param.detach().clone() for name, param in model.named_parameters()} if bf16 else None
+    fp32_init = {name: param.detach().clone() for name, param in model.named_parameters()} \
+        if masters_from_fp32_init(config) else None
     train = config.training
     # pico's AdamW, as one fused kernel over ZeRO's flat fp32 partition (CPU and CUDA): the default foreach
     # implementation makes ~10 passes over it (16M parameters on CPU: 42 ms -> 7 ms a step)
@@ -135,20 +140,40 @@ def _resume(engine, scheduler, config: MegapicoConfig, parallel: ParallelState):
     return point
 
 
-def fp32_weights(engine) -> dict[str, torch.Tensor] | None:  # noqa: ANN001
-    """This TP rank's fp32 weights being trained: the ZeRO masters in a bf16 engine (collective over DP, None on
-    DP ranks other than 0, which capture nothing), the module itself otherwise."""
+def fp32_weights(engine) -> dict[str, torch.Tensor]:  # noqa: ANN001
+    """This TP rank's fp32 weights being trained: the ZeRO masters in a bf16 engine (all-gathered over DP), the
+    module itself otherwise."""
     if engine.bfloat16_enabled():
         return gather_master_weights(engine)
     return engine.module.state_dict()
 
 
 def build_eval_dataset(config: MegapicoConfig, parallel: ParallelState):  # noqa: ANN202
+    """The eval set: TextDocuments of data.eval_data_path for evaluation.perplexity=pico, else seq_len samples of
+    data.eval_data_path (whole) or of the train prefix's valid split."""
     data, evaluation = config.data, config.evaluation
+    if evaluation.perplexity == "pico":
+        blend = parse_blend(data.eval_data_path) if data.eval_data_path else []
+        if len(blend) != 1:
+            raise ConfigError(f"evaluation.perplexity=pico scores every document of one prefix as a text; set "
+                              f"data.eval_data_path to one prefix (pico's paloma texts, preprocessed without "
+                              f"--append-eod), got {list(data.eval_data_path)}")
+        return TextDocuments(IndexedDataset(blend[0][1]), config.model.max_seq_len, "evaluation")
     wanted = evaluation.max_batches * config.training.micro_batch_size * parallel.dp_size or 1
     if data.eval_data_path:
         return build_dataset(data.eval_data_path, "train", wanted, data.seq_len, data.seed, "1,0,0", data.cache_dir)
     return build_dataset(data.train_data_path, "valid", wanted, data.seq_len, data.seed, data.split, data.cache_dir)
+
+
+def learning_dynamics_val_set(config: MegapicoConfig, eval_dataset) -> list:  # noqa: ANN001
+    """Every document of checkpointing.learning_dynamics.eval_data_path, each at its own length (at most
+    max_seq_len + 1 tokens); without one, the first learning_dynamics.batch_size sequences of the eval set."""
+    dynamics = config.checkpointing.learning_dynamics
+    if not dynamics.eval_data_path:
+        return first_sequences(eval_dataset, dynamics.batch_size)
+    documents = TextDocuments(IndexedDataset(dynamics.eval_data_path), config.model.max_seq_len + 1,
+                              "learning-dynamics val")
+    return first_sequences(documents, len(documents))
 
 
 def pretrain(config: MegapicoConfig, after_checkpoint: Callable[[Path], list[str]] | None = None) -> TrainResult:
@@ -166,8 +191,12 @@ def pretrain(config: MegapicoConfig, after_checkpoint: Callable[[Path], list[str
         save_config(config, run_dir / "config.yaml")
     check_data_fits_model(config)
     global_batch = train.micro_batch_size * train.gradient_accumulation_steps * parallel.dp_size
-    train_dataset = build_dataset(data.train_data_path, "train", train.max_steps * global_batch, data.seq_len,
-                                  data.seed, data.split, data.cache_dir)
+    train_dataset = build_train_dataset(data, train.max_steps * global_batch)
+    if data.samples == "pretokenized" and train_dataset.steps_covered(global_batch) < train.max_steps:
+        raise ConfigError(f"{train_dataset.indexed.prefix}: {len(train_dataset):,} rows cover "
+                          f"{train_dataset.steps_covered(global_batch):,} steps of global batch {global_batch}, but "
+                          f"training.max_steps={train.max_steps}; set training.max_steps <= "
+                          f"{train_dataset.steps_covered(global_batch)} or add rows")
     eval_dataset = build_eval_dataset(config, parallel)
 
     engine, scheduler = build_engine(config, parallel)
@@ -182,13 +211,11 @@ def pretrain(config: MegapicoConfig, after_checkpoint: Callable[[Path], list[str
                        data.seq_len, start_step)
 
     dynamics = config.checkpointing.learning_dynamics
-    dynamics_batches = {"train": fixed_batch(train_dataset, dynamics.batch_size),
-                        "val": fixed_batch(eval_dataset, dynamics.batch_size)} if dynamics.enabled else {}
-    for split, samples in dynamics_batches.items():
-        if len(samples) < dynamics.batch_size:
-            logger.warn(f"learning dynamics: the {split} set holds {len(samples)} sequences, fewer than "
-                        f"checkpointing.learning_dynamics.batch_size={dynamics.batch_size}; using all of them "
-                        f"(pico-analyze's pwcca needs more than d_model={config.model.d_model})")
+    val_sequences = learning_dynamics_val_set(config, eval_dataset) if dynamics.enabled else []
+    if dynamics.enabled and len(val_sequences) <= config.model.d_model:
+        logger.warn(f"learning dynamics: the val split holds {len(val_sequences)} sequences; pico-analyze's pwcca "
+                    f"needs more than d_model={config.model.d_model}")
+    tokenizer = load_tokenizer(data.tokenizer) if dynamics.enabled and data.tokenizer else None
     precision = resolve_precision(config)
     if dist.get_rank() == 0:
         print(f"precision {precision}; DeepSpeed bf16 engine: {engine.bfloat16_enabled()}", flush=True)
@@ -199,11 +226,16 @@ def pretrain(config: MegapicoConfig, after_checkpoint: Callable[[Path], list[str
         return torch.autocast(engine.device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
     def save_checkpoint(step: int) -> None:
-        """Learning dynamics first, then the engine: `latest` moves only once both are on disk."""
-        if dynamics_batches:
-            save_learning_dynamics(engine.module, fp32_weights(engine), dynamics_batches,
+        """Learning dynamics first, then the engine: `latest` moves only once both are on disk. The train split
+        is the batch the next step trains (none past the data's end); the val split is the same every time."""
+        if dynamics.enabled:
+            splits = {"val": val_sequences}
+            upcoming = next_global_batch(train_dataset, consumed, global_batch)
+            if upcoming is not None:
+                splits = {"train": upcoming, **splits}
+            save_learning_dynamics(engine.module, fp32_weights(engine), splits,
                                    checkpoint_root(config) / f"step_{step}" / "learning_dynamics",
-                                   dynamics.micro_batch_size, parallel.dp_rank, engine.device)
+                                   dynamics.micro_batch_size, parallel.dp_group, engine.device, tokenizer)
         directory = save_training_checkpoint(engine, config, parallel, step, consumed)
         if dist.get_rank() == 0:
             print(f"checkpoint {directory}: {disk_bytes(directory) / 2**20:,.1f} MiB", flush=True)
@@ -213,14 +245,18 @@ def pretrain(config: MegapicoConfig, after_checkpoint: Callable[[Path], list[str
 
     def run_eval(step: int) -> None:
         with eval_autocast():
-            perplexity = evaluate_perplexity(engine.module, eval_dataset, train.micro_batch_size, parallel,
-                                             config.evaluation.max_batches, engine.device)
+            if config.evaluation.perplexity == "pico":
+                perplexity = evaluate_text_perplexity(engine.module, eval_dataset,
+                                                      train.micro_batch_size * data.seq_len, parallel, engine.device)
+            else:
+                perplexity = evaluate_perplexity(engine.module, eval_dataset, train.micro_batch_size, parallel,
+                                                 config.evaluation.max_batches, engine.device)
         result.perplexities[step] = perplexity
         logger.log_eval(step, perplexity)
 
     stop = StopSignal()
     engine.train()
-    if resumed is None and dynamics_batches:
+    if resumed is None and dynamics.enabled:
         save_checkpoint(0)  # pico keeps the initial model and its learning dynamics as step_0
     logger.start_clock()
     first_step_started = time.perf_counter()

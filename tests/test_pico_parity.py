@@ -1,0 +1,247 @@
+"""pico parity: pretokenized rows in pico-train's order, its learning dynamics, its Paloma number, its precision.
+
+pico-train itself cannot be fetched in CI (benchmarks/vs_pico_train.py runs it); each piece is held here against
+megapico's own references: a plain torch loop over the rows in file order, one-process captures, HF evaluate's
+perplexity formula computed with transformers on the HF export.
+"""
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import SAMPLE_DOCUMENTS, TOKENIZER
+from conftest import training_overrides as overrides
+from distributed import run_distributed, train
+from make_pretokenized_parquet import write_pretokenized_parquet
+
+from megapico.config import load_config
+from megapico.data.builders import build_train_dataset
+from megapico.data.indexed_dataset import DataError, IndexedDataset
+from megapico.data.preprocess import PreprocessOptions, preprocess
+from megapico.data.pretokenized_dataset import PretokenizedDataset, TextDocuments
+from megapico.data.sampler import PretrainingSampler
+from megapico.model import PicoDecoder
+from megapico.parallel import ParallelState
+from megapico.training.evaluation import evaluate_text_perplexity
+from megapico.training.learning_dynamics import capture_learning_dynamics
+from megapico.training.schedule import build_lr_scheduler
+
+SEQ = 32
+STEPS = 5
+GLOBAL = 4
+
+
+@pytest.fixture(scope="module")
+def pico_rows(sample_prefix, tmp_path_factory):
+    """A small pretokenized-dolma: the sample's token stream cut into rows of SEQ + 1, three parquet files,
+    preprocessed with --json-keys input_ids."""
+    tmp = tmp_path_factory.mktemp("pico-rows")
+    write_pretokenized_parquet(sample_prefix, tmp / "download", SEQ + 1, rows_per_file=40, max_rows=120)
+    preprocess(PreprocessOptions(input=str(tmp / "download"), output_prefix=str(tmp / "rows"),
+                                 json_keys=["input_ids"], vocab_size=50304))
+    return str(tmp / "rows_input_ids_document")
+
+
+@pytest.fixture(scope="module")
+def paloma_texts(tmp_path_factory):
+    """60 sample texts of many lengths as pico's paloma eval prefix: tokenized without an end-of-document token."""
+    tmp = tmp_path_factory.mktemp("paloma")
+    with gzip.open(SAMPLE_DOCUMENTS / "wikihow-0000.json.gz", "rt") as handle:
+        texts = [json.loads(line)["text"] for line, _ in zip(handle, range(60))]
+    (tmp / "texts.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    preprocess(PreprocessOptions(input=str(tmp / "texts.jsonl"), output_prefix=str(tmp / "paloma"),
+                                 tokenizer_model=str(TOKENIZER)))
+    return str(tmp / "paloma_text_document"), texts
+
+
+def pico_overrides(pico_rows, tmp_path, **changes):
+    return overrides(pico_rows, tmp_path, **{"data.samples": "pretokenized", "data.seq_len": SEQ,
+                                             "training.micro_batch_size": 2,
+                                             "training.gradient_accumulation_steps": 2, **changes})
+
+
+def test_preprocessed_rows_are_the_parquet_rows_in_file_order(pico_rows, sample_prefix):
+    rows = IndexedDataset(pico_rows)
+    stream = IndexedDataset(sample_prefix).token_stream()
+    assert len(rows) == 120 and set(rows.sequence_lengths.tolist()) == {SEQ + 1}
+    assert np.array_equal(rows.token_stream(), stream[:120 * (SEQ + 1)])  # files by name, rows in file order
+
+
+@pytest.mark.parametrize("layout", [(1, 1), (1, 2), (2, 1), (2, 2)])
+def test_each_step_trains_documents_of_its_global_batch_at_any_layout(pico_rows, layout):
+    """Step s trains documents [(s-1) G, s G) however DP x accumulation divide them, and a resume at another
+    layout continues at document consumed_samples."""
+    dp, accumulation = layout
+    micro = GLOBAL // (dp * accumulation)
+    dataset = PretokenizedDataset(IndexedDataset(pico_rows), SEQ)
+
+    def documents_of_steps(consumed, micro_batch, ranks, steps):
+        per_rank = [iter(PretrainingSampler(len(dataset), consumed, micro_batch, rank, ranks)) for rank in range(ranks)]
+        return [sorted(index for _ in range(GLOBAL // (micro_batch * ranks)) for it in per_rank for index in next(it))
+                for _ in range(steps)]
+
+    assert documents_of_steps(0, micro, dp, 3) == [list(range(s * GLOBAL, (s + 1) * GLOBAL)) for s in range(3)]
+    assert documents_of_steps(3 * GLOBAL, 4 // dp, dp, 1) == [list(range(12, 16))]  # resumed at step 3, GA 1
+    assert np.array_equal(dataset[5], IndexedDataset(pico_rows)[5])
+
+
+def test_rows_of_another_length_or_a_blend_are_one_line_errors(pico_rows, sample_prefix):
+    with pytest.raises(DataError, match=r"document 0 has \d+ tokens, but data.samples=pretokenized needs every "
+                                        r"document to be data.seq_len \+ 1 = 65"):
+        PretokenizedDataset(IndexedDataset(pico_rows), 64)
+    config = load_config(None, pico_overrides(pico_rows, Path("/tmp"), **{
+        "data.train_data_path": f"[0.5,{pico_rows},0.5,{sample_prefix}]"}))
+    with pytest.raises(DataError, match="not a weighted blend"):
+        build_train_dataset(config.data, 10)
+
+
+def test_a_run_longer_than_the_rows_stops_before_step_1(pico_rows, tmp_path):
+    with pytest.raises(Exception, match=r"120 rows cover 30 steps of global batch 4, but training.max_steps=31"):
+        train(1, pico_overrides(pico_rows, tmp_path, **{"training.max_steps": 31}), tmp_path)
+
+
+def _plain_pico_loop(config, rows, steps):
+    """pico-train's loop in plain torch: seed 42 init, AdamW + the schedule, each step the next G rows in order,
+    each sub-batch's mean loss / accumulation backpropagated."""
+    torch.manual_seed(config.training.seed)
+    model = PicoDecoder(config.model)
+    train_config = config.training
+    optimizer = torch.optim.AdamW(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay,
+                                  betas=(train_config.adam_beta1, train_config.adam_beta2), eps=train_config.adam_eps)
+    scheduler = build_lr_scheduler(optimizer, train_config)
+    losses = {}
+    for step in range(1, steps + 1):
+        batch = torch.from_numpy(np.stack([rows[i] for i in range((step - 1) * GLOBAL, step * GLOBAL)])).long()
+        total = 0.0
+        for sub in batch.split(GLOBAL // 2):
+            loss = model(sub[:, :-1], sub[:, 1:]) / 2
+            loss.backward()
+            total += loss.item()
+        losses[step] = total
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+    return losses, model.state_dict()
+
+
+def test_pretokenized_training_is_the_plain_loop_at_any_layout_and_across_resume(pico_rows, tmp_path):
+    settings = pico_overrides(pico_rows, tmp_path / "one")
+    config = load_config(None, settings)
+    expected, _ = _plain_pico_loop(config, IndexedDataset(pico_rows), STEPS)
+    one = train(1, settings, tmp_path)
+    assert one["losses"].keys() == expected.keys()
+    assert all(abs(one["losses"][s] - expected[s]) < 1e-5 for s in expected), (one["losses"], expected)
+    # DP=2 without accumulation stops at step 3; TP=2 x DP=1 with accumulation 2 resumes it
+    stopped = pico_overrides(pico_rows, tmp_path / "two", **{"training.gradient_accumulation_steps": 1,
+                                                             "training.exit_interval": 3})
+    first = train(2, stopped, tmp_path)
+    resumed = train(2, pico_overrides(pico_rows, tmp_path / "two", **{"parallel.tensor_parallel_size": 2}), tmp_path)
+    assert resumed["resumed_from"] == 3
+    both = {**first["losses"], **resumed["losses"]}
+    assert all(abs(both[s] - expected[s]) < 1e-5 for s in expected), (both, expected)
+
+
+def _hf_evaluate_perplexity(model_dir, texts, max_length):
+    """HF evaluate's perplexity metric (add_start_token=False, max_length) as pico-train calls it, written out
+    with transformers: per text exp(mean NLL of its first max_length tokens), then the mean over texts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    perplexities, ids_seen = [], []
+    for text in texts:
+        ids = torch.tensor([tokenizer(text, add_special_tokens=False, truncation=True,
+                                      max_length=max_length)["input_ids"]])
+        ids_seen.append(ids[0].tolist())
+        with torch.no_grad():
+            logits = model(ids).logits
+        nll = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")
+        perplexities.append(torch.exp(nll.mean()).item())
+    return float(np.mean(perplexities)), ids_seen
+
+
+def test_pico_perplexity_equals_hf_evaluate_on_the_hf_export(paloma_texts, tmp_path):
+    from megapico.convert.hf_export import write_pico_hf
+
+    prefix, texts = paloma_texts
+    config = load_config(None, ["model_preset=tiny", "model.n_layers=2", "model.max_seq_len=64", "data.seq_len=64"])
+    torch.manual_seed(0)
+    model = PicoDecoder(config.model, loss_chunk_tokens=100)
+    write_pico_hf(model.state_dict(), config.model, str(TOKENIZER), tmp_path / "hf", batch_size=4)
+    expected, ids_seen = _hf_evaluate_perplexity(tmp_path / "hf", texts, 64)
+    documents = TextDocuments(IndexedDataset(prefix), 64, "evaluation")
+    assert [documents[i].tolist() for i in range(len(documents))] == ids_seen  # no start token, first 64 tokens
+    assert len(set(documents.lengths.tolist())) > 10  # many lengths: batches mix them, padding masked out
+    ours = evaluate_text_perplexity(model, documents, tokens_per_batch=200, parallel=ParallelState())
+    assert ours == pytest.approx(expected, rel=1e-6)
+    plain_mean_token_ppl = np.exp(np.mean(np.concatenate([  # what evaluation.perplexity=tokens would report
+        torch.nn.functional.cross_entropy(model(torch.tensor([ids[:-1]])).squeeze(0), torch.tensor(ids[1:]),
+                                          reduction="none").detach().numpy() for ids in ids_seen])))
+    assert abs(ours - plain_mean_token_ppl) / ours > 1e-3
+
+
+def test_pico_perplexity_in_training_is_the_same_at_dp2_and_tp2(pico_rows, paloma_texts, tmp_path):
+    prefix, _ = paloma_texts
+    settings = {"evaluation.perplexity": "pico", "data.eval_data_path": f"[{prefix}]", "training.max_steps": 2}
+    one = train(1, pico_overrides(pico_rows, tmp_path / "one", **settings), tmp_path)
+    dp2 = train(2, pico_overrides(pico_rows, tmp_path / "dp", **settings, **{"training.gradient_accumulation_steps": 1}),
+                tmp_path)
+    tp2 = train(2, pico_overrides(pico_rows, tmp_path / "tp", **settings, **{"parallel.tensor_parallel_size": 2}),
+                tmp_path)
+    assert dp2["perplexities"][2] == pytest.approx(one["perplexities"][2], rel=1e-6)
+    assert tp2["perplexities"][2] == pytest.approx(one["perplexities"][2], rel=1e-5)
+    with pytest.raises(Exception, match="evaluation.perplexity=pico scores every document of one prefix"):
+        train(1, pico_overrides(pico_rows, tmp_path / "none", **{"evaluation.perplexity": "pico"}), tmp_path)
+
+
+def _split_capture(rank, world_size, config_model, sequences):
+    torch.manual_seed(0)
+    model = PicoDecoder(config_model)
+    return capture_learning_dynamics(model, sequences, micro_batch_size=2, dp_group=torch.distributed.group.WORLD)
+
+
+def test_learning_dynamics_split_over_dp_equals_one_process_and_a_plain_pass(tmp_path):
+    """Val sequences of many lengths, each at its own length, captured over 2 DP ranks (rows and gradients summed
+    onto DP rank 0) equal one process, which equals plain autograd: the gradient of the mean token loss over all
+    sequences, each sequence's output at its own last position."""
+    config = load_config(None, ["model_preset=tiny", "model.n_layers=2", "model.max_seq_len=64", "data.seq_len=64",
+                                "model.vocab_size=512"]).model
+    rng = np.random.default_rng(1)
+    sequences = [rng.integers(0, 512, length) for length in (9, 17, 17, 5, 33, 9, 17, 2)]
+    split = run_distributed(_split_capture, 2, config, sequences, tmp_path=tmp_path)
+    torch.manual_seed(0)
+    model = PicoDecoder(config)
+    single = capture_learning_dynamics(model, sequences, micro_batch_size=2)
+    modules = dict(model.named_modules())
+    names = list(single["activations"])
+    outputs = {name: [] for name in names}
+    handles = [modules[name].register_forward_hook(
+        lambda module, inputs, out, name=name: outputs[name].append(out[0, -1].detach())) for name in names]
+    total = sum(len(s) - 1 for s in sequences)
+    model.zero_grad()
+    for sequence in sequences:
+        tokens = torch.from_numpy(sequence).long().unsqueeze(0)
+        (model(tokens[:, :-1], tokens[:, 1:]) * ((len(sequence) - 1) / total)).backward()
+    for handle in handles:
+        handle.remove()
+    for name in names:
+        torch.testing.assert_close(single["activations"][name], torch.stack(outputs[name]), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(single["gradients"][name], modules[name].weight.grad, atol=1e-7, rtol=1e-5)
+        for kind in ("activations", "weights", "gradients"):
+            torch.testing.assert_close(split[kind][name], single[kind][name], atol=1e-7, rtol=1e-5)
+
+
+def test_lightning_deepspeed_bf16_is_deepspeeds_bf16_with_its_defaults(sample_prefix):
+    from megapico.training.deepspeed_config import build_deepspeed_config, masters_from_fp32_init, use_bf16
+
+    config = load_config(None, overrides(sample_prefix, Path("/tmp"), **{"training.precision": "lightning-deepspeed-bf16"}))
+    ds = build_deepspeed_config(config, dp_size=2)
+    assert ds["bf16"]["enabled"] and not ds["torch_autocast"]["enabled"]
+    assert "data_types" not in ds and "communication_data_type" not in ds  # DeepSpeed's defaults, as Lightning
+    assert use_bf16(config) and not masters_from_fp32_init(config)
+    ours = load_config(None, overrides(sample_prefix, Path("/tmp"), **{"training.precision": "bf16"}))
+    assert masters_from_fp32_init(ours)
+    assert build_deepspeed_config(ours, 2)["data_types"] == {"grad_accum_dtype": "fp32"}
