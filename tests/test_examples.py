@@ -20,6 +20,12 @@ def test_16xA100_recipes(size, monkeypatch):
     ds = build_deepspeed_config(config, dp)
     assert resolve_precision(config) == "bf16-mixed" and not ds["bf16"]["enabled"]  # fp32 engine + autocast
     assert ds["train_batch_size"] == 1024 and ds["zero_optimization"]["stage"] == 2
+    assert (config.data.samples, config.evaluation.perplexity) == ("pretokenized", "pico")  # pico parity
+    assert config.checkpointing.learning_dynamics.eval_data_path
+    published = load_config(REPO / "examples" / f"pico_{size}_16xA100.yaml",
+                            ["training.precision=lightning-deepspeed-bf16"])  # the published run: one override
+    ds = build_deepspeed_config(published, dp)
+    assert ds["bf16"]["enabled"] and not ds["torch_autocast"]["enabled"] and "data_types" not in ds
 
 
 def test_cpu_demo_config(monkeypatch):
@@ -53,7 +59,9 @@ def test_recipe_layout_trains_on_cpu(size, sample_prefix, tmp_path, monkeypatch)
                                     "checkpointing.learning_dynamics.batch_size": 2,
                                     "training.global_batch_size": 4 if size == "large" else 8,
                                     "training.gradient_accumulation_steps": 1,
-                                    "evaluation.interval": 2, "data.eval_data_path": "[]"}))
+                                    "evaluation.interval": 2, "data.eval_data_path": "[]",
+                                    "data.samples": "megatron", "evaluation.perplexity": "tokens",
+                                    "checkpointing.learning_dynamics.eval_data_path": ""}))
                    if not key.startswith(("parallel.", "training.precision", "training.deepspeed_config"))}
     config_path = REPO / "examples" / f"pico_{size}_16xA100.yaml"
     result = train(2, [f"{key}={value}" for key, value in scaled_down.items()], tmp_path, config_path=str(config_path))

@@ -6,10 +6,13 @@ perplexity formula computed with transformers on the HF export.
 """
 
 import gzip
+import itertools
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import SAMPLE_DOCUMENTS, TOKENIZER
@@ -50,7 +53,7 @@ def paloma_texts(tmp_path_factory):
     """60 sample texts of many lengths as pico's paloma eval prefix: tokenized without an end-of-document token."""
     tmp = tmp_path_factory.mktemp("paloma")
     with gzip.open(SAMPLE_DOCUMENTS / "wikihow-0000.json.gz", "rt") as handle:
-        texts = [json.loads(line)["text"] for line, _ in zip(handle, range(60))]
+        texts = [json.loads(line)["text"] for line in itertools.islice(handle, 60)]
     (tmp / "texts.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
     preprocess(PreprocessOptions(input=str(tmp / "texts.jsonl"), output_prefix=str(tmp / "paloma"),
                                  tokenizer_model=str(TOKENIZER)))
@@ -187,8 +190,8 @@ def test_pico_perplexity_in_training_is_the_same_at_dp2_and_tp2(pico_rows, palom
     prefix, _ = paloma_texts
     settings = {"evaluation.perplexity": "pico", "data.eval_data_path": f"[{prefix}]", "training.max_steps": 2}
     one = train(1, pico_overrides(pico_rows, tmp_path / "one", **settings), tmp_path)
-    dp2 = train(2, pico_overrides(pico_rows, tmp_path / "dp", **settings, **{"training.gradient_accumulation_steps": 1}),
-                tmp_path)
+    dp2 = train(2, pico_overrides(pico_rows, tmp_path / "dp", **settings,
+                                  **{"training.gradient_accumulation_steps": 1}), tmp_path)
     tp2 = train(2, pico_overrides(pico_rows, tmp_path / "tp", **settings, **{"parallel.tensor_parallel_size": 2}),
                 tmp_path)
     assert dp2["perplexities"][2] == pytest.approx(one["perplexities"][2], rel=1e-6)
@@ -237,7 +240,8 @@ def test_learning_dynamics_split_over_dp_equals_one_process_and_a_plain_pass(tmp
 def test_lightning_deepspeed_bf16_is_deepspeeds_bf16_with_its_defaults(sample_prefix):
     from megapico.training.deepspeed_config import build_deepspeed_config, masters_from_fp32_init, use_bf16
 
-    config = load_config(None, overrides(sample_prefix, Path("/tmp"), **{"training.precision": "lightning-deepspeed-bf16"}))
+    config = load_config(None, overrides(sample_prefix, Path("/tmp"),
+                                         **{"training.precision": "lightning-deepspeed-bf16"}))
     ds = build_deepspeed_config(config, dp_size=2)
     assert ds["bf16"]["enabled"] and not ds["torch_autocast"]["enabled"]
     assert "data_types" not in ds and "communication_data_type" not in ds  # DeepSpeed's defaults, as Lightning
@@ -245,3 +249,28 @@ def test_lightning_deepspeed_bf16_is_deepspeeds_bf16_with_its_defaults(sample_pr
     ours = load_config(None, overrides(sample_prefix, Path("/tmp"), **{"training.precision": "bf16"}))
     assert masters_from_fp32_init(ours)
     assert build_deepspeed_config(ours, 2)["data_types"] == {"grad_accum_dtype": "fp32"}
+
+
+def test_preprocess_reads_the_hf_cache_snapshot_and_a_saved_dataset_in_row_order(pico_rows, tmp_path):
+    """The same rows from a `huggingface-cli download` cache folder (snapshot files are symlinks into blobs/) and
+    from a datasets save_to_disk directory of input_ids rows as from the plain download."""
+    import datasets
+
+    expected = IndexedDataset(pico_rows).token_stream()
+    download = Path(pico_rows).parent / "download" / "data"
+    cache = tmp_path / "datasets--pico-lm--pretokenized-dolma"
+    (cache / "snapshots" / "0123abc" / "data").mkdir(parents=True)
+    (cache / "blobs").mkdir()
+    (cache / "refs").mkdir()
+    (cache / "refs" / "main").write_text("0123abc")
+    for index, parquet in enumerate(sorted(download.iterdir())):
+        blob = cache / "blobs" / f"blob{index}"
+        shutil.copyfile(parquet, blob)
+        (cache / "snapshots" / "0123abc" / "data" / parquet.name).symlink_to(blob)
+    rows = [row for parquet in sorted(download.iterdir()) for row in pq.read_table(parquet)["input_ids"].to_pylist()]
+    datasets.Dataset.from_dict({"input_ids": rows}).save_to_disk(str(tmp_path / "saved"))
+    for name, source in (("cache", cache), ("saved", tmp_path / "saved")):
+        preprocess(PreprocessOptions(input=str(source), output_prefix=str(tmp_path / name), json_keys=["input_ids"],
+                                     vocab_size=50304))
+        built = IndexedDataset(tmp_path / f"{name}_input_ids_document")
+        assert len(built) == 120 and np.array_equal(built.token_stream(), expected), name

@@ -19,12 +19,12 @@ from megapico.data.indexed_dataset import DataError, IndexedDataset
 
 
 def write_pretokenized_parquet(prefix: str, output: Path, row_tokens: int, rows_per_file: int,
-                               max_rows: int = 0, split: str = "train") -> int:
-    """Write `{output}/data/{split}-NNNNN-of-NNNNN.parquet`; returns the number of rows written."""
+                               max_rows: int = 0, split: str = "train", skip_rows: int = 0) -> int:
+    """Write `{output}/data/{split}-NNNNN-of-NNNNN.parquet` from row skip_rows on; returns the rows written."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    stream = IndexedDataset(prefix).token_stream()  # the documents in order
+    stream = IndexedDataset(prefix).token_stream()[skip_rows * row_tokens:]  # the documents in order
     rows = len(stream) // row_tokens if not max_rows else min(max_rows, len(stream) // row_tokens)
     if rows == 0:
         raise DataError(f"{prefix}: {len(stream)} tokens, fewer than one row of {row_tokens}")
@@ -48,10 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows-per-file", type=int, default=20480, help="rows per parquet file (pico: 20,480)")
     parser.add_argument("--max-rows", type=int, default=0, help="stop after this many rows (0 = all)")
     parser.add_argument("--split", default="train", help="file name stem: train (pretokenized-dolma) or val")
+    parser.add_argument("--skip-rows", type=int, default=0, help="start after this many rows (a held-out part)")
     args = parser.parse_args(argv)
     try:
         rows = write_pretokenized_parquet(args.prefix, args.output, args.row_tokens, args.rows_per_file,
-                                          args.max_rows, args.split)
+                                          args.max_rows, args.split, args.skip_rows)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

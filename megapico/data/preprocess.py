@@ -3,8 +3,10 @@
 Work flows as chunks (readers.py): the main process reads raw bytes, workers parse JSON, validate and
 encode (tokenizer.py: tiktoken or HF's Rust batch API), and send back numpy arrays (tokens + lengths); the main
 process writes them in input order. At most 2 x workers chunks are in flight, so memory stays flat.
-Each input file becomes an atomically finished part under `{output_prefix}.parts/`, so a re-run skips the
-files already done; the parts are then merged into `{output_prefix}_{key}_document.{bin,idx}`.
+Text input: each file becomes an atomically finished part under `{output_prefix}.parts/`, so a re-run skips the
+files already tokenized; the parts are then merged into `{output_prefix}_{key}_document.{bin,idx}`. Token-id input
+(pretokenized-dolma's input_ids) is cheaper to read again than to copy, so it streams straight into the outputs,
+files in name order, rows in file order, each row one document (pico-train's order).
 """
 
 import hashlib
@@ -107,9 +109,9 @@ def _parse_lines(chunk: Chunk, keys: list[str], skipped: Counter) -> tuple[dict[
 def _check_ids(chunk: Chunk, key: str, ids: np.ndarray, lengths: np.ndarray, vocab_size: int,
                skipped: Counter) -> tuple[np.ndarray, np.ndarray, str | None]:
     """Drop documents holding ids outside [0, vocab); report the first one by row."""
-    bad_token = (ids < 0) | (ids >= vocab_size)
-    if not bad_token.any():
+    if not len(ids) or (ids.min() >= 0 and ids.max() < vocab_size):  # two reductions, no temporaries
         return ids, lengths, None
+    bad_token = (ids < 0) | (ids >= vocab_size)
     doc_of_token = np.repeat(np.arange(len(lengths)), lengths)
     bad_docs = np.unique(doc_of_token[bad_token])
     skipped["token id outside the vocabulary"] += len(bad_docs)
@@ -193,51 +195,79 @@ def preprocess(options: PreprocessOptions) -> dict:
     if options.append_eod and eod_id is None:
         raise DataError("--append-eod needs the tokenizer's end-of-document id: pass --tokenizer-model")
     dtype = token_dtype(vocab_size)
-    parts_dir = Path(f"{options.output_prefix}.parts")
-    parts_dir.mkdir(parents=True, exist_ok=True)
     totals = Counter()
     skipped: Counter = Counter()
     pool = None
     # Workers use the encoder the main process chose, so an `auto` choice cannot differ between them.
     worker_args = (options.tokenizer_model, options.tokenizer_type, tokenizer.backend if tokenizer else "huggingface")
-    if options.workers > 1:
+    if options.workers > 1 and tokenizer is not None:
         pool = multiprocessing.get_context("spawn").Pool(options.workers, _init_worker, (*worker_args, 1))
     else:
         _init_worker(*worker_args)
     total_bytes = sum(Path(s).stat().st_size for s in sources if Path(s).is_file())
     progress = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", dynamic_ncols=True,
                     miniters=1, mininterval=1.0)
-    part_prefixes: dict[str, list[Path]] = {key: [] for key in options.json_keys}
+    outputs = {key: output_prefix_for(options.output_prefix, key) for key in options.json_keys}
     try:
-        for index, source in enumerate(sources):
-            prefixes = {key: _part_prefix(parts_dir, index, source, key, options) for key in options.json_keys}
-            for key in options.json_keys:
-                part_prefixes[key].append(prefixes[key])
-            if all(_is_complete(prefix) for prefix in prefixes.values()):
-                progress.update(Path(source).stat().st_size if Path(source).is_file() else 0)
-                totals["resumed files"] += 1
-                continue
-            writers = {key: IndexedDatasetWriter(prefix, dtype) for key, prefix in prefixes.items()}
-            try:
-                _process_source(source, options, writers, pool, eod_id, vocab_size, progress, totals, skipped)
-            except BaseException:
-                for writer in writers.values():
-                    writer.abort()
-                raise
-            for writer in writers.values():
-                writer.finalize()
+        if tokenizer is None:  # token ids: as fast to read again as to copy, so no parts to resume from
+            _stream_sources(sources, options, outputs, dtype, pool, eod_id, vocab_size, progress, totals, skipped)
+        else:
+            _build_parts_and_merge(sources, options, outputs, dtype, pool, eod_id, vocab_size, progress, totals,
+                                   skipped)
     finally:
         progress.close()
         if pool is not None:
             pool.terminate()
-    finals = {key: merge_datasets(prefixes, output_prefix_for(options.output_prefix, key))
-              for key, prefixes in part_prefixes.items()}
-    shutil.rmtree(parts_dir)
-    first = finals[options.json_keys[0]]
+    first = IndexedDataset(outputs[options.json_keys[0]])
     return dict(documents=len(first), tokens=first.num_tokens, documents_read=totals["documents_in"],
                 skipped=dict(skipped), files=len(sources), resumed_files=totals["resumed files"],
-                seconds=time.perf_counter() - start,
-                outputs=[str(output_prefix_for(options.output_prefix, key)) for key in options.json_keys])
+                seconds=time.perf_counter() - start, outputs=[str(outputs[key]) for key in options.json_keys])
+
+
+def _stream_sources(sources: list[str], options: PreprocessOptions, outputs: dict[str, str], dtype: type,
+                    pool: multiprocessing.pool.Pool | None, eod_id: int | None, vocab_size: int, progress: tqdm,
+                    totals: Counter, skipped: Counter) -> None:
+    """Every source, in order, straight into the final prefixes (atomic: nothing appears unless all succeed)."""
+    writers = {key: IndexedDatasetWriter(prefix, dtype) for key, prefix in outputs.items()}
+    try:
+        for source in sources:
+            _process_source(source, options, writers, pool, eod_id, vocab_size, progress, totals, skipped)
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    for writer in writers.values():
+        writer.finalize()
+
+
+def _build_parts_and_merge(sources: list[str], options: PreprocessOptions, outputs: dict[str, str], dtype: type,
+                           pool: multiprocessing.pool.Pool | None, eod_id: int | None, vocab_size: int,
+                           progress: tqdm, totals: Counter, skipped: Counter) -> None:
+    """Each source into its own part under {output_prefix}.parts/ (a re-run skips the finished ones), then the
+    parts merged in source order."""
+    parts_dir = Path(f"{options.output_prefix}.parts")
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    part_prefixes: dict[str, list[Path]] = {key: [] for key in options.json_keys}
+    for index, source in enumerate(sources):
+        prefixes = {key: _part_prefix(parts_dir, index, source, key, options) for key in options.json_keys}
+        for key in options.json_keys:
+            part_prefixes[key].append(prefixes[key])
+        if all(_is_complete(prefix) for prefix in prefixes.values()):
+            progress.update(Path(source).stat().st_size if Path(source).is_file() else 0)
+            totals["resumed files"] += 1
+            continue
+        writers = {key: IndexedDatasetWriter(prefix, dtype) for key, prefix in prefixes.items()}
+        try:
+            _process_source(source, options, writers, pool, eod_id, vocab_size, progress, totals, skipped)
+        except BaseException:
+            for writer in writers.values():
+                writer.abort()
+            raise
+        for writer in writers.values():
+            writer.finalize()
+    for key, prefixes in part_prefixes.items():
+        merge_datasets(prefixes, outputs[key])
+    shutil.rmtree(parts_dir)
 
 
 def _process_source(source: str, options: PreprocessOptions, writers: dict[str, IndexedDatasetWriter],

@@ -120,7 +120,7 @@ def _arrow_chunk(path: str, first_row: int, num_bytes: int, batch, keys: list[st
                 raise DataError(f"{path}: column '{key}' is a list of {column.type.value_type}, not token ids")
             offsets = column.offsets.to_numpy()
             ids = column.values.slice(offsets[0], offsets[-1] - offsets[0]).to_numpy()
-            token_ids[key] = (ids.astype(np.int64, copy=False), np.diff(offsets).astype(np.int64))
+            token_ids[key] = (ids, np.diff(offsets).astype(np.int64))  # ids in the file's integer type
         else:
             texts[key] = column.to_pylist()
     return Chunk(path, first_row, num_bytes, texts=texts or None, token_ids=token_ids or None)
