@@ -8,7 +8,9 @@ deepspeed 0.16.2; torch 2.13.0 here):
         deepspeed==0.16.2 evaluate wandb click rich psutil pyyaml "huggingface-hub<1" pyarrow
     python benchmarks/vs_pico_train.py --pico-train CHECKOUT --pico-python /work/pico-venv/bin/python
 The only thing added to its Trainer is a wrapper around _log_training_metrics that writes each step's loss at
-full precision (its console prints 4 decimals). Its Paloma metric loads from the hub, so pico-train runs with
+full precision (its console prints 4 decimals). pico-train's one-device learning-dynamics activations are stored
+with each sub-batch's rows scrambled (its gather reshape assumes a world dimension; see unscramble_one_device);
+they are compared after undoing that. Its Paloma metric loads from the hub, so pico-train runs with
 `evaluation.metrics: []` and its number is computed here on its step-N HF checkpoint with HF evaluate's formula
 (the pico venv's transformers and pico-train's own modelling file).
 
@@ -165,10 +167,19 @@ def layer_key(name: str) -> str:
     return name[name.index("layers."):]
 
 
+def unscramble_one_device(activations: torch.Tensor, sub_batch: int) -> torch.Tensor:
+    """pico-train's hook reshapes `fabric.all_gather(rows)` as if it were [world, b, out]: `.transpose(0, 1)
+    .reshape(-1, out)`. On one device the gather returns [b, out] itself, so each sub-batch's rows are stored
+    transposed-and-reshaped; this undoes it (checked: then equal to megapico's rows to 1e-7)."""
+    return torch.cat([chunk.reshape(chunk.shape[1], len(chunk)).t() for chunk in activations.split(sub_batch)])
+
+
 def dynamics_gaps(pico_dir: Path, ours_dir: Path, split: str) -> tuple[float, float]:
-    """(max |activation difference|, max difference of the unit-norm gradients) over every module."""
+    """(max |activation difference|, max difference of the unit-norm gradients) over every module; pico-train's
+    one-device activations unscrambled first (its learning_dynamics.batch_size 8 is the sub-batch)."""
     activation_gap = gradient_gap = 0.0
-    pico_act = {layer_key(k): v for k, v in torch.load(pico_dir / f"{split}_activations.pt").items()}
+    pico_act = {layer_key(k): unscramble_one_device(v, 8)
+                for k, v in torch.load(pico_dir / f"{split}_activations.pt").items()}
     pico_grad = {layer_key(k): v for k, v in torch.load(pico_dir / f"{split}_gradients.pt").items()}
     ours_act = torch.load(ours_dir / f"{split}_activations.pt")
     ours_grad = torch.load(ours_dir / f"{split}_gradients.pt")
