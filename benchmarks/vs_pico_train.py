@@ -139,9 +139,10 @@ def run_pico_train(checkout: Path, python: str, work: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (work / "pico_losses").read_text().splitlines())}
 
 
-def run_megapico(work: Path, prefixes: dict[str, str], name: str, tp: int, dp: int) -> Path:
+def megapico_settings(work: Path, prefixes: dict[str, str], name: str, tp: int, dp: int) -> list[str]:
+    """The pico-train run's recipe as megapico overrides, at TP x DP with the same global batch."""
     micro = GLOBAL // (dp * ACCUMULATION)
-    settings = [
+    return [
         "model_preset=tiny", f"model.max_seq_len={SEQ}", f"data.seq_len={SEQ}", "data.samples=pretokenized",
         f"data.train_data_path=[{prefixes['train']}]", f"data.eval_data_path=[{prefixes['paloma']}]",
         f"data.tokenizer={TOKENIZER}", f"training.max_steps={STEPS}", f"training.micro_batch_size={micro}",
@@ -150,16 +151,30 @@ def run_megapico(work: Path, prefixes: dict[str, str], name: str, tp: int, dp: i
         f"training.deepspeed_config={REPO / 'ds_configs' / 'zero2_cpu.json'}", f"parallel.tensor_parallel_size={tp}",
         "evaluation.perplexity=pico", f"evaluation.interval={SAVE}", f"checkpointing.save_interval={SAVE}",
         f"checkpointing.runs_dir={work / 'megapico_runs'}", f"checkpointing.run_name={name}",
-        "checkpointing.resume=false", f"checkpointing.learning_dynamics.eval_data_path={prefixes['ld_val']}",
+        f"checkpointing.learning_dynamics.eval_data_path={prefixes['ld_val']}",
         "logging.wandb_mode=disabled", "logging.log_interval=1",
     ]
-    world = tp * dp
+
+
+def run_megapico(settings: list[str], world: int, resume: str) -> None:
     launcher = [sys.executable] if world == 1 else [sys.executable, "-m", "torch.distributed.run",
                                                     "--nproc_per_node", str(world), "--master_port", "29617"]
-    out = subprocess.run([*launcher, str(REPO / "pretrain.py"), *settings], cwd=REPO, capture_output=True, text=True)
+    out = subprocess.run([*launcher, str(REPO / "pretrain.py"), *settings, f"checkpointing.resume={resume}"],
+                         cwd=REPO, capture_output=True, text=True)
     if out.returncode:
-        sys.exit(f"megapico {name} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    return work / "megapico_runs" / name
+        sys.exit(f"megapico failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+
+
+def losses_of(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+
+
+def weight_gap(run: Path, pico_weights: dict[str, torch.Tensor]) -> float:
+    from megapico.convert.checkpoint_reader import load_checkpoint
+
+    state = load_checkpoint(run / "checkpoints" / f"step_{STEPS}").state_dict
+    return max((state[k].float() - pico_weights[k].float()).abs().max().item() for k in state)
 
 
 def layer_key(name: str) -> str:
@@ -199,8 +214,6 @@ def main() -> None:
     args = parser.parse_args()
     from safetensors.torch import load_file
 
-    from megapico.convert.checkpoint_reader import load_checkpoint
-
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     prefixes = prepare_data(args.work)
@@ -218,17 +231,15 @@ def main() -> None:
     print(f"pico-train: tiny (12 layers, d_model 96), seq {SEQ}, global batch {GLOBAL} = micro "
           f"{GLOBAL // ACCUMULATION} x accumulation {ACCUMULATION}, {STEPS} steps, fp32 CPU, one device")
     for name, tp, dp in (("tp1-dp1", 1, 1), ("tp2-dp2", 2, 2)):
-        run = run_megapico(args.work, prefixes, name, tp, dp)
-        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        ours = {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+        run_megapico(megapico_settings(args.work, prefixes, name, tp, dp), tp * dp, resume="false")
+        run = args.work / "megapico_runs" / name
+        ours = losses_of(run)
         print(f"\nmegapico TP={tp} x DP={dp} (micro {GLOBAL // (dp * ACCUMULATION)} x accumulation {ACCUMULATION})")
         print("step | pico-train loss | megapico loss | |diff|")
         for step in sorted(pico_losses):
             print(f"{step:4d} | {pico_losses[step]:.6f} | {ours[step]:.6f} | {abs(pico_losses[step] - ours[step]):.2e}")
-        state = load_checkpoint(run / "checkpoints" / f"step_{STEPS}").state_dict
-        weight_gap = max((state[k].float() - pico_weights[k].float()).abs().max().item() for k in state)
         print(f"max |loss diff| {max(abs(pico_losses[s] - ours[s]) for s in pico_losses):.2e}; "
-              f"step-{STEPS} weights max |diff| {weight_gap:.2e}")
+              f"step-{STEPS} weights max |diff| {weight_gap(run, pico_weights):.2e}")
         for step in range(0, STEPS + 1, SAVE):
             for split in ("train", "val"):
                 pico_dir = pico_ckpt / f"step_{step}" / "learning_dynamics"
@@ -240,7 +251,29 @@ def main() -> None:
         ours_paloma = json.loads((run / "eval_results" / f"step_{STEPS}.json").read_text())["paloma"]
         print(f"paloma at step {STEPS}: pico-train's checkpoint {pico_paloma:.6f}, megapico {ours_paloma:.6f}, "
               f"relative diff {abs(ours_paloma - pico_paloma) / pico_paloma:.2e}")
+    continue_from_pico_train(args.work, prefixes, pico_ckpt, pico_losses, pico_weights)
 
+
+def continue_from_pico_train(work: Path, prefixes: dict[str, str], pico_ckpt: Path, pico_losses: dict[int, float],
+                             pico_weights: dict[str, torch.Tensor]) -> None:
+    """pico-train's step-SAVE checkpoint (one device) imported with tools/convert_from_pico_train.py, continued by
+    megapico to step STEPS at TP=1 and TP=2 x DP=2, against pico-train's uninterrupted run."""
+    from convert_from_pico_train import main as convert
+
+    for name, tp, dp in (("continued-tp1-dp1", 1, 1), ("continued-tp2-dp2", 2, 2)):
+        settings = megapico_settings(work, prefixes, name, tp, dp)
+        if convert([str(pico_ckpt / f"step_{SAVE}"), "--output", str(work / "megapico_runs" / name),
+                    *[item for item in settings if not item.startswith("checkpointing.r")]]) != 0:
+            sys.exit("tools/convert_from_pico_train.py failed")
+        run_megapico(settings, tp * dp, resume="true")
+        run = work / "megapico_runs" / name
+        ours = losses_of(run)
+        print(f"\npico-train's step_{SAVE} imported, continued by megapico at TP={tp} x DP={dp} to step {STEPS}")
+        print("step | pico-train loss (uninterrupted) | megapico loss | |diff|")
+        for step in range(SAVE + 1, STEPS + 1):
+            print(f"{step:4d} | {pico_losses[step]:.6f} | {ours[step]:.6f} | {abs(pico_losses[step] - ours[step]):.2e}")
+        print(f"max |loss diff| {max(abs(pico_losses[s] - ours[s]) for s in range(SAVE + 1, STEPS + 1)):.2e}; "
+              f"step-{STEPS} weights max |diff| {weight_gap(run, pico_weights):.2e}")
 
 if __name__ == "__main__":
     main()

@@ -21,6 +21,7 @@ from distributed import run_distributed, train
 from make_pretokenized_parquet import write_pretokenized_parquet
 
 from megapico.config import load_config
+from megapico.convert.checkpoint_reader import CheckpointError
 from megapico.data.builders import build_train_dataset
 from megapico.data.indexed_dataset import DataError, IndexedDataset
 from megapico.data.preprocess import PreprocessOptions, preprocess
@@ -106,9 +107,10 @@ def test_a_run_longer_than_the_rows_stops_before_step_1(pico_rows, tmp_path):
         train(1, pico_overrides(pico_rows, tmp_path, **{"training.max_steps": 31}), tmp_path)
 
 
-def _plain_pico_loop(config, rows, steps):
+def _plain_pico_loop(config, rows, steps, save_at=None):
     """pico-train's loop in plain torch: seed 42 init, AdamW + the schedule, each step the next G rows in order,
-    each sub-batch's mean loss / accumulation backpropagated."""
+    each sub-batch's mean loss / accumulation backpropagated. save_at=(step, directory): also write a pico-train
+    one-device checkpoint there after that step (HF files + fabric_state/checkpoint.pt, pico's keys)."""
     torch.manual_seed(config.training.seed)
     model = PicoDecoder(config.model)
     train_config = config.training
@@ -127,7 +129,19 @@ def _plain_pico_loop(config, rows, steps):
         optimizer.step()
         optimizer.zero_grad()
         scheduler.step()
+        if save_at and step == save_at[0]:
+            _write_pico_train_checkpoint(save_at[1], config, model, optimizer, scheduler, step)
     return losses, model.state_dict()
+
+
+def _write_pico_train_checkpoint(directory, config, model, optimizer, scheduler, step):
+    from megapico.convert.hf_export import write_pico_hf
+
+    write_pico_hf(model.state_dict(), config.model, str(TOKENIZER), directory, batch_size=GLOBAL)
+    (directory / "fabric_state").mkdir()
+    torch.save({"_model": model.state_dict(), "_optimizer": optimizer.state_dict(),
+                "_lr_scheduler": scheduler.state_dict(), "_checkpoint_step": step, "_rng_states": {}},
+               directory / "fabric_state" / "checkpoint.pt")
 
 
 def test_pretokenized_training_is_the_plain_loop_at_any_layout_and_across_resume(pico_rows, tmp_path):
@@ -274,3 +288,93 @@ def test_preprocess_reads_the_hf_cache_snapshot_and_a_saved_dataset_in_row_order
                                      vocab_size=50304))
         built = IndexedDataset(tmp_path / f"{name}_input_ids_document")
         assert len(built) == 120 and np.array_equal(built.token_stream(), expected), name
+
+
+def _as_lightning_deepspeed(rank, world_size, settings, one_device, fabric):
+    """A ZeRO-2 engine on `world_size` gloo ranks holding a one-device pico-train state, saved as Lightning's
+    DeepSpeed strategy saves (engine.save_checkpoint with its client state, tag "checkpoint", then `latest`)."""
+    from megapico.checkpoint.reshard import load_full_state_into_engine
+    from megapico.convert.from_pico_train import read_pico_train_checkpoint
+    from megapico.training.trainer import build_engine
+
+    state = read_pico_train_checkpoint(one_device)
+    engine, scheduler = build_engine(load_config(None, settings), ParallelState.build(1))
+    load_full_state_into_engine(engine, state.full, 0, 1)
+    engine.save_checkpoint(str(fabric), tag="checkpoint", save_latest=True,
+                           client_state={"_lr_scheduler": scheduler.state_dict(), "_checkpoint_step": state.step})
+    return engine.bfloat16_enabled()
+
+
+@pytest.fixture(scope="module")
+def pico_train_step_3(pico_rows, tmp_path_factory):
+    """A pico-train one-device checkpoint of step 3 and the uninterrupted plain loop's 5 losses."""
+    tmp = tmp_path_factory.mktemp("pico-train")
+    config = load_config(None, pico_overrides(pico_rows, tmp))
+    losses, final = _plain_pico_loop(config, IndexedDataset(pico_rows), STEPS, save_at=(3, tmp / "step_3"))
+    return tmp / "step_3", losses, final
+
+
+def test_a_pico_train_checkpoint_continues_exactly_at_another_layout(pico_rows, pico_train_step_3, tmp_path):
+    from convert_from_pico_train import main as convert
+
+    checkpoint, expected, _ = pico_train_step_3
+    settings = pico_overrides(pico_rows, tmp_path, **{"parallel.tensor_parallel_size": 2})
+    assert convert([str(checkpoint), "--output", str(tmp_path / "runs" / "megapico-run"),
+                    *[item for item in settings if not item.startswith("checkpointing.r")]]) == 0
+    state = json.loads((tmp_path / "runs" / "megapico-run" / "checkpoints" / "step_3" / "megapico_state.json")
+                       .read_text())
+    assert (state["step"], state["consumed_samples"]) == (3, 3 * GLOBAL)
+    continued = train(2, settings, tmp_path)  # TP=2, accumulation 2: resharded from the TP=1 import
+    assert continued["resumed_from"] == 3 and sorted(continued["losses"]) == [4, 5]
+    assert all(abs(continued["losses"][s] - expected[s]) < 1e-5 for s in (4, 5)), (continued["losses"], expected)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "lightning-deepspeed-bf16"])
+def test_the_deepspeed_zero2_layout_imports_as_the_one_device_checkpoint(pico_rows, pico_train_step_3, tmp_path,
+                                                                        precision):
+    from megapico.convert.from_pico_train import read_pico_train_checkpoint
+
+    one_device, _, _ = pico_train_step_3
+    settings = pico_overrides(pico_rows, tmp_path, **{"training.precision": precision,
+                                                      "training.gradient_accumulation_steps": 1})
+    deepspeed_dir = tmp_path / "step_3"
+    shutil.copytree(one_device, deepspeed_dir, ignore=shutil.ignore_patterns("fabric_state"))
+    bf16 = run_distributed(_as_lightning_deepspeed, 2, settings, one_device, deepspeed_dir / "fabric_state",
+                           tmp_path=tmp_path)
+    prefix = "bf16_" if bf16 else ""
+    assert sorted(p.name for p in (deepspeed_dir / "fabric_state" / "checkpoint").glob("*optim_states.pt")) == [
+        f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)]
+    ours, theirs = read_pico_train_checkpoint(deepspeed_dir), read_pico_train_checkpoint(one_device)
+    assert ours.step == theirs.step == 3 and ours.layout.startswith("DeepSpeed ZeRO-2 of 2 ranks")
+    for kind in ("weight", "exp_avg", "exp_avg_sq"):
+        assert all(torch.equal(ours.full[kind][name], theirs.full[kind][name]) for name in theirs.full[kind]), kind
+    (deepspeed_dir / "fabric_state" / "checkpoint" / f"{prefix}zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"zero_pp_rank_1_mp_rank_00_optim_states.pt: missing"):
+        read_pico_train_checkpoint(deepspeed_dir)
+
+
+def test_bad_pico_train_checkpoints_are_one_line_errors_and_write_nothing(pico_rows, pico_train_step_3, tmp_path,
+                                                                        capsys):
+    from convert_from_pico_train import main as convert
+
+    checkpoint, _, _ = pico_train_step_3
+    settings = [item for item in pico_overrides(pico_rows, tmp_path) if not item.startswith("checkpointing.r")]
+    output = tmp_path / "runs" / "imported"
+    hf_only = tmp_path / "hf_only"
+    shutil.copytree(checkpoint, hf_only, ignore=shutil.ignore_patterns("fabric_state"))
+    scrambled = tmp_path / "scrambled"
+    shutil.copytree(checkpoint, scrambled)
+    state = torch.load(scrambled / "fabric_state" / "checkpoint.pt", weights_only=False)
+    state["_model"] = dict(reversed(list(state["_model"].items())))  # another parameter order than the optimizer's
+    torch.save(state, scrambled / "fabric_state" / "checkpoint.pt")
+    cases = [
+        (hf_only, settings, "neither checkpoint.pt (one device) nor DeepSpeed's 'latest'"),
+        (scrambled, settings, "the parameter order is not pico's"),
+        (checkpoint, [*settings, "training.lr=1e-3"], "pico-train's AdamW has lr=0.003"),
+        (checkpoint, [*settings, "model.n_layers=4"], "model.n_layers=4 but the pico-train checkpoint has 2"),
+    ]
+    for source, arguments, message in cases:
+        assert convert([str(source), "--output", str(output), *arguments]) == 1
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("error: ") and message in error and "\n" not in error, error
+        assert not output.exists()

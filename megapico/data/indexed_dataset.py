@@ -75,8 +75,8 @@ class IndexedDatasetWriter:
         """Append documents given as one flat token array and their lengths (sum(lengths) == len(tokens))."""
         if int(lengths.sum()) != len(tokens):
             raise ValueError("lengths do not add up to the number of tokens")
-        self._bin.write(np.ascontiguousarray(tokens, dtype=self.dtype).tobytes())
-        self._lengths.write(np.asarray(lengths, dtype=np.int32).tobytes())
+        self._bin.write(memoryview(np.ascontiguousarray(tokens, dtype=self.dtype)))  # no bytes copy
+        self._lengths.write(memoryview(np.ascontiguousarray(lengths, dtype=np.int32)))
         self.num_documents += len(lengths)
         self.num_tokens += len(tokens)
 

@@ -28,7 +28,14 @@ from megapico.checkpoint.training_state import (
     restore_rng,
     save_training_checkpoint,
 )
-from megapico.config import ConfigError, MegapicoConfig, config_to_yaml, save_config, validate_config
+from megapico.config import (
+    ConfigError,
+    MegapicoConfig,
+    TrainingConfig,
+    config_to_yaml,
+    save_config,
+    validate_config,
+)
 from megapico.data.builders import build_dataset, build_train_dataset, parse_blend
 from megapico.data.indexed_dataset import DataError, IndexedDataset
 from megapico.data.pretokenized_dataset import TextDocuments
@@ -113,6 +120,16 @@ def build_engine(config: MegapicoConfig, parallel: ParallelState):  # noqa: ANN2
     return engine, scheduler
 
 
+def set_schedule_position(engine, scheduler, step: int, consumed_samples: int,  # noqa: ANN001
+                          train: TrainingConfig) -> None:
+    """Put an engine whose state was written from full tensors at optimizer step `step`: DeepSpeed's counters, the
+    LR scheduler's position and the learning rate the next update uses."""
+    engine.global_steps, engine.global_samples = step, consumed_samples
+    scheduler.last_epoch = step
+    for group in engine.optimizer.optimizer.param_groups:
+        group["lr"] = lr_at(step, train)
+
+
 def _resume(engine, scheduler, config: MegapicoConfig, parallel: ParallelState):  # noqa: ANN001, ANN202
     point = agreed_resume_point(config)
     if point is None:
@@ -123,10 +140,7 @@ def _resume(engine, scheduler, config: MegapicoConfig, parallel: ParallelState):
     else:  # another layout: full tensors from the saved shards, re-sharded for this one
         full = read_full_state(root / point.tag, point.tensor_parallel_size, point.data_parallel_size, point.bf16)
         load_full_state_into_engine(engine, full, parallel.tp_rank, parallel.tp_size)
-        engine.global_steps, engine.global_samples = point.step, point.consumed_samples
-        scheduler.last_epoch = point.step
-        for group in engine.optimizer.optimizer.param_groups:
-            group["lr"] = lr_at(point.step, config.training)
+        set_schedule_position(engine, scheduler, point.step, point.consumed_samples, config.training)
     restore_rng(config, point)
     if dist.get_rank() == 0:
         for rejected in point.rejected:
@@ -316,4 +330,4 @@ def _mean_over_dp(value: torch.Tensor, parallel: ParallelState) -> torch.Tensor:
     return value
 
 
-__all__ = ["NonFiniteLossError", "TrainResult", "check_data_fits_model", "pretrain"]
+__all__ = ["NonFiniteLossError", "TrainResult", "check_data_fits_model", "pretrain", "set_schedule_position"]
