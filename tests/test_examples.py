@@ -61,7 +61,7 @@ def test_recipe_layout_trains_on_cpu(size, sample_prefix, tmp_path, monkeypatch)
                                     "training.gradient_accumulation_steps": 1,
                                     "evaluation.interval": 2, "data.eval_data_path": "[]",
                                     "data.samples": "megatron", "evaluation.perplexity": "tokens",
-                                    "checkpointing.learning_dynamics.eval_data_path": ""}))
+                                    "checkpointing.learning_dynamics.eval_data_path": "''"}))
                    if not key.startswith(("parallel.", "training.precision", "training.deepspeed_config"))}
     config_path = REPO / "examples" / f"pico_{size}_16xA100.yaml"
     result = train(2, [f"{key}={value}" for key, value in scaled_down.items()], tmp_path, config_path=str(config_path))

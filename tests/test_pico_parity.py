@@ -20,7 +20,7 @@ from conftest import training_overrides as overrides
 from distributed import run_distributed, train
 from make_pretokenized_parquet import write_pretokenized_parquet
 
-from megapico.config import load_config
+from megapico.config import ConfigError, load_config
 from megapico.convert.checkpoint_reader import CheckpointError
 from megapico.data.builders import build_train_dataset
 from megapico.data.indexed_dataset import DataError, IndexedDataset
@@ -263,6 +263,11 @@ def test_lightning_deepspeed_bf16_is_deepspeeds_bf16_with_its_defaults(sample_pr
     ours = load_config(None, overrides(sample_prefix, Path("/tmp"), **{"training.precision": "bf16"}))
     assert masters_from_fp32_init(ours)
     assert build_deepspeed_config(ours, 2)["data_types"] == {"grad_accum_dtype": "fp32"}
+    stated = Path("/tmp") / "stated_dtypes.json"
+    stated.write_text(json.dumps({"communication_data_type": "fp32", "zero_optimization": {"stage": 2}}))
+    config.training.deepspeed_config = str(stated)
+    with pytest.raises(ConfigError, match="communication_data_type=\"fp32\" replaces DeepSpeed's default"):
+        build_deepspeed_config(config, 2)
 
 
 def test_preprocess_reads_the_hf_cache_snapshot_and_a_saved_dataset_in_row_order(pico_rows, tmp_path):
@@ -329,23 +334,25 @@ def test_a_pico_train_checkpoint_continues_exactly_at_another_layout(pico_rows, 
     assert all(abs(continued["losses"][s] - expected[s]) < 1e-5 for s in (4, 5)), (continued["losses"], expected)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "lightning-deepspeed-bf16"])
+@pytest.mark.parametrize("ranks, precision", [(2, "fp32"), (4, "fp32"), (2, "lightning-deepspeed-bf16")])
 def test_the_deepspeed_zero2_layout_imports_as_the_one_device_checkpoint(pico_rows, pico_train_step_3, tmp_path,
-                                                                        precision):
+                                                                        ranks, precision):
     from megapico.convert.from_pico_train import read_pico_train_checkpoint
 
     one_device, _, _ = pico_train_step_3
     settings = pico_overrides(pico_rows, tmp_path, **{"training.precision": precision,
+                                                      "training.micro_batch_size": GLOBAL // ranks,
                                                       "training.gradient_accumulation_steps": 1})
     deepspeed_dir = tmp_path / "step_3"
     shutil.copytree(one_device, deepspeed_dir, ignore=shutil.ignore_patterns("fabric_state"))
-    bf16 = run_distributed(_as_lightning_deepspeed, 2, settings, one_device, deepspeed_dir / "fabric_state",
+    bf16 = run_distributed(_as_lightning_deepspeed, ranks, settings, one_device, deepspeed_dir / "fabric_state",
                            tmp_path=tmp_path)
     prefix = "bf16_" if bf16 else ""
+    assert bf16 == (precision != "fp32")
     assert sorted(p.name for p in (deepspeed_dir / "fabric_state" / "checkpoint").glob("*optim_states.pt")) == [
-        f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)]
+        f"{prefix}zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in range(ranks)]
     ours, theirs = read_pico_train_checkpoint(deepspeed_dir), read_pico_train_checkpoint(one_device)
-    assert ours.step == theirs.step == 3 and ours.layout.startswith("DeepSpeed ZeRO-2 of 2 ranks")
+    assert ours.step == theirs.step == 3 and ours.layout.startswith(f"DeepSpeed ZeRO-2 of {ranks} ranks")
     for kind in ("weight", "exp_avg", "exp_avg_sq"):
         assert all(torch.equal(ours.full[kind][name], theirs.full[kind][name]) for name in theirs.full[kind]), kind
     (deepspeed_dir / "fabric_state" / "checkpoint" / f"{prefix}zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()

@@ -96,6 +96,12 @@ def build_deepspeed_config(config: MegapicoConfig, dp_size: int) -> dict:
     ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
     # DeepSpeed would accumulate the micro-steps and reduce over DP in bf16; Megatron uses fp32, and so does
     # megapico's bf16. lightning-deepspeed-bf16 leaves both keys to DeepSpeed's defaults, as Lightning does.
+    if resolve_precision(config) == "lightning-deepspeed-bf16":
+        for key in FP32_GRADIENTS:
+            if key in ds:
+                raise ConfigError(f"{path}: {key}={json.dumps(ds[key])} replaces DeepSpeed's default, which "
+                                  f"training.precision=lightning-deepspeed-bf16 keeps (pico-train's Lightning "
+                                  f"DeepSpeed strategy writes no {key}); remove the key")
     if resolve_precision(config) == "bf16":
         for key, value in FP32_GRADIENTS.items():
             if ds.get(key, value) != value:

@@ -309,8 +309,8 @@ def pretrain(config: MegapicoConfig, after_checkpoint: Callable[[Path], list[str
         if evaluating or saving:
             logger.start_clock()  # tokens/s counts training steps only
         if stop_reason is not None and not is_last:
-            logger.warn(f"step {step}: {stop_reason} received; checkpoint of step {step} saved, exiting (rerun the "
-                        f"same command to resume)")
+            logger.warn(f"step {step}: {stop_reason}; checkpoint of step {step} saved, exiting (rerun the same "
+                        f"command to resume)")
             break
         if exiting and not is_last:
             logger.warn(f"step {step}: training.exit_interval={train.exit_interval} reached; checkpoint saved, "
