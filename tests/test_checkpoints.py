@@ -271,13 +271,14 @@ def test_sigterm_to_the_deepspeed_runner_alone_saves_the_step_and_resumes_exactl
     step, save that step (none was due) and exit; the same command resumes it, equal to an uninterrupted run."""
     import signal
 
-    settings = overrides(sample_prefix, tmp_path, **{"training.max_steps": 40, "training.micro_batch_size": 2})
-    _, step, what = _launch_and_kill_the_launcher(_deepspeed_runner(33500), settings, tmp_path, signal.SIGTERM)
-    assert what.startswith("the deepspeed runner (pid") and 5 <= step < 40
+    settings = overrides(sample_prefix, tmp_path, **{"training.max_steps": 12, "training.micro_batch_size": 2})
+    _, step, what = _launch_and_kill_the_launcher(_deepspeed_runner(33500), settings, tmp_path, signal.SIGTERM,
+                                                  at_step=3)
+    assert what.startswith("the deepspeed runner (pid") and 3 <= step < 12
     out = subprocess.run([*_deepspeed_runner(34500), str(REPO / "pretrain.py"), *settings], cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "resumed from" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
-    whole = overrides(sample_prefix, tmp_path / "whole", **{"training.max_steps": 40, "training.micro_batch_size": 2})
+    whole = overrides(sample_prefix, tmp_path / "whole", **{"training.max_steps": 12, "training.micro_batch_size": 2})
     assert subprocess.run([*_deepspeed_runner(35500), str(REPO / "pretrain.py"), *whole], cwd=REPO,
                           capture_output=True, timeout=600).returncode == 0
 
@@ -287,7 +288,7 @@ def test_sigterm_to_the_deepspeed_runner_alone_saves_the_step_and_resumes_exactl
 
     resumed, uninterrupted = losses(tmp_path / "runs" / "megapico-run"), losses(tmp_path / "whole" / "runs" /
                                                                                  "megapico-run")
-    assert sorted(resumed) == list(range(1, 41)) and resumed == uninterrupted
+    assert sorted(resumed) == list(range(1, 13)) and resumed == uninterrupted
 
 
 @pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
