@@ -144,21 +144,29 @@ def _write_pico_train_checkpoint(directory, config, model, optimizer, scheduler,
                directory / "fabric_state" / "checkpoint.pt")
 
 
-def test_pretokenized_training_is_the_plain_loop_at_any_layout_and_across_resume(pico_rows, tmp_path):
-    settings = pico_overrides(pico_rows, tmp_path / "one")
+def test_pretokenized_training_is_the_plain_loop_at_any_layout_and_across_resume(pico_rows, paloma_texts, tmp_path):
+    """Losses equal a plain torch loop over the rows in order at DP=1 x GA=2, and across a stop at DP=2 x GA=1
+    resumed at TP=2 x GA=2; pico's Paloma (evaluated at steps 3 and 5) is the same number at DP=2 and at TP=2."""
+    paloma = {"evaluation.perplexity": "pico", "data.eval_data_path": f"[{paloma_texts[0]}]",
+              "evaluation.interval": 3}
+    settings = pico_overrides(pico_rows, tmp_path / "one", **paloma)
     config = load_config(None, settings)
     expected, _ = _plain_pico_loop(config, IndexedDataset(pico_rows), STEPS)
     one = train(1, settings, tmp_path)
     assert one["losses"].keys() == expected.keys()
     assert all(abs(one["losses"][s] - expected[s]) < 1e-5 for s in expected), (one["losses"], expected)
     # DP=2 without accumulation stops at step 3; TP=2 x DP=1 with accumulation 2 resumes it
-    stopped = pico_overrides(pico_rows, tmp_path / "two", **{"training.gradient_accumulation_steps": 1,
-                                                             "training.exit_interval": 3})
+    stopped = pico_overrides(pico_rows, tmp_path / "two", **paloma, **{"training.gradient_accumulation_steps": 1,
+                                                                       "training.exit_interval": 3})
     first = train(2, stopped, tmp_path)
-    resumed = train(2, pico_overrides(pico_rows, tmp_path / "two", **{"parallel.tensor_parallel_size": 2}), tmp_path)
+    resumed = train(2, pico_overrides(pico_rows, tmp_path / "two", **paloma, **{"parallel.tensor_parallel_size": 2}),
+                    tmp_path)
     assert resumed["resumed_from"] == 3
     both = {**first["losses"], **resumed["losses"]}
     assert all(abs(both[s] - expected[s]) < 1e-5 for s in expected), (both, expected)
+    assert sorted(one["perplexities"]) == [3, 5]
+    assert first["perplexities"][3] == pytest.approx(one["perplexities"][3], rel=1e-5)  # DP=2
+    assert resumed["perplexities"][5] == pytest.approx(one["perplexities"][5], rel=1e-5)  # TP=2
 
 
 def _hf_evaluate_perplexity(model_dir, texts, max_length):
@@ -200,18 +208,25 @@ def test_pico_perplexity_equals_hf_evaluate_on_the_hf_export(paloma_texts, tmp_p
     assert abs(ours - plain_mean_token_ppl) / ours > 1e-3
 
 
-def test_pico_perplexity_in_training_is_the_same_at_dp2_and_tp2(pico_rows, paloma_texts, tmp_path):
-    prefix, _ = paloma_texts
-    settings = {"evaluation.perplexity": "pico", "data.eval_data_path": f"[{prefix}]", "training.max_steps": 2}
-    one = train(1, pico_overrides(pico_rows, tmp_path / "one", **settings), tmp_path)
-    dp2 = train(2, pico_overrides(pico_rows, tmp_path / "dp", **settings,
-                                  **{"training.gradient_accumulation_steps": 1}), tmp_path)
-    tp2 = train(2, pico_overrides(pico_rows, tmp_path / "tp", **settings, **{"parallel.tensor_parallel_size": 2}),
-                tmp_path)
-    assert dp2["perplexities"][2] == pytest.approx(one["perplexities"][2], rel=1e-6)
-    assert tp2["perplexities"][2] == pytest.approx(one["perplexities"][2], rel=1e-5)
-    with pytest.raises(Exception, match="evaluation.perplexity=pico scores every document of one prefix"):
-        train(1, pico_overrides(pico_rows, tmp_path / "none", **{"evaluation.perplexity": "pico"}), tmp_path)
+def _text_perplexity_over_dp(rank, world_size, config_model, prefix):
+    torch.manual_seed(0)
+    model = PicoDecoder(config_model)
+    parallel = ParallelState.build(1)  # DP = world_size
+    return evaluate_text_perplexity(model, TextDocuments(IndexedDataset(prefix), 64, "evaluation"), 200, parallel)
+
+
+def test_pico_perplexity_split_over_dp_and_its_config_error(paloma_texts, tmp_path):
+    from megapico.training.trainer import build_eval_dataset
+
+    config = load_config(None, ["model_preset=tiny", "model.n_layers=2", "model.max_seq_len=64", "data.seq_len=64",
+                                "evaluation.perplexity=pico"])
+    torch.manual_seed(0)
+    single = evaluate_text_perplexity(PicoDecoder(config.model), TextDocuments(IndexedDataset(paloma_texts[0]), 64,
+                                                                               "evaluation"), 200, ParallelState())
+    split = run_distributed(_text_perplexity_over_dp, 2, config.model, paloma_texts[0], tmp_path=tmp_path)
+    assert split == pytest.approx(single, rel=1e-12)
+    with pytest.raises(ConfigError, match="evaluation.perplexity=pico scores every document of one prefix"):
+        build_eval_dataset(config, ParallelState())
 
 
 def _split_capture(rank, world_size, config_model, sequences):
