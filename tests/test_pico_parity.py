@@ -224,7 +224,7 @@ def test_pico_perplexity_split_over_dp_and_its_config_error(paloma_texts, tmp_pa
     single = evaluate_text_perplexity(PicoDecoder(config.model), TextDocuments(IndexedDataset(paloma_texts[0]), 64,
                                                                                "evaluation"), 200, ParallelState())
     split = run_distributed(_text_perplexity_over_dp, 2, config.model, paloma_texts[0], tmp_path=tmp_path)
-    assert split == pytest.approx(single, rel=1e-12)
+    assert split == pytest.approx(single, rel=1e-7)  # two ranks, one thread each: another summation order
     with pytest.raises(ConfigError, match="evaluation.perplexity=pico scores every document of one prefix"):
         build_eval_dataset(config, ParallelState())
 
