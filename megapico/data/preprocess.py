@@ -210,7 +210,7 @@ def preprocess(options: PreprocessOptions) -> dict:
     outputs = {key: output_prefix_for(options.output_prefix, key) for key in options.json_keys}
     try:
         if tokenizer is None:  # token ids: as fast to read again as to copy, so no parts to resume from
-            _stream_sources(sources, options, outputs, dtype, pool, eod_id, vocab_size, progress, totals, skipped)
+            _write_sources(sources, outputs, options, dtype, pool, eod_id, vocab_size, progress, totals, skipped)
         else:
             _build_parts_and_merge(sources, options, outputs, dtype, pool, eod_id, vocab_size, progress, totals,
                                    skipped)
@@ -224,11 +224,11 @@ def preprocess(options: PreprocessOptions) -> dict:
                 seconds=time.perf_counter() - start, outputs=[str(outputs[key]) for key in options.json_keys])
 
 
-def _stream_sources(sources: list[str], options: PreprocessOptions, outputs: dict[str, str], dtype: type,
-                    pool: multiprocessing.pool.Pool | None, eod_id: int | None, vocab_size: int, progress: tqdm,
-                    totals: Counter, skipped: Counter) -> None:
-    """Every source, in order, straight into the final prefixes (atomic: nothing appears unless all succeed)."""
-    writers = {key: IndexedDatasetWriter(prefix, dtype) for key, prefix in outputs.items()}
+def _write_sources(sources: list[str], prefixes: dict[str, str | Path], options: PreprocessOptions, dtype: type,
+                   pool: multiprocessing.pool.Pool | None, eod_id: int | None, vocab_size: int, progress: tqdm,
+                   totals: Counter, skipped: Counter) -> None:
+    """`sources`, in order, into one writer per key (atomic: nothing appears under `prefixes` unless all succeed)."""
+    writers = {key: IndexedDatasetWriter(prefix, dtype) for key, prefix in prefixes.items()}
     try:
         for source in sources:
             _process_source(source, options, writers, pool, eod_id, vocab_size, progress, totals, skipped)
@@ -256,15 +256,7 @@ def _build_parts_and_merge(sources: list[str], options: PreprocessOptions, outpu
             progress.update(Path(source).stat().st_size if Path(source).is_file() else 0)
             totals["resumed files"] += 1
             continue
-        writers = {key: IndexedDatasetWriter(prefix, dtype) for key, prefix in prefixes.items()}
-        try:
-            _process_source(source, options, writers, pool, eod_id, vocab_size, progress, totals, skipped)
-        except BaseException:
-            for writer in writers.values():
-                writer.abort()
-            raise
-        for writer in writers.values():
-            writer.finalize()
+        _write_sources([source], prefixes, options, dtype, pool, eod_id, vocab_size, progress, totals, skipped)
     for key, prefixes in part_prefixes.items():
         merge_datasets(prefixes, outputs[key])
     shutil.rmtree(parts_dir)
