@@ -21,7 +21,7 @@ from megapico.model import PicoDecoder, pico_decoder
 from megapico.model.pico_decoder import causal_attention, sdpa_reads_gqa
 from megapico.parallel import LaunchError
 from megapico.parallel.state import first_host, launcher_environment
-from megapico.training.learning_dynamics import SUFFIXES, capture_learning_dynamics
+from megapico.training.learning_dynamics import SUFFIXES, capture_learning_dynamics, probe_precision
 
 SMALL = ModelConfig(d_model=48, n_layers=2, attention_n_heads=12, attention_n_kv_heads=4,
                     activation_hidden_dim=96, vocab_size=256, max_seq_len=64)
@@ -78,6 +78,40 @@ def test_capture_in_micro_batches_equals_one_pass_over_the_batch():
         for name, tensor in plain[kind].items():
             assert ours[kind][name].dtype == torch.float32
             torch.testing.assert_close(ours[kind][name], tensor, atol=1e-6, rtol=1e-5, msg=f"{kind} {name}")
+
+
+@pytest.mark.parametrize("precision", ["bf16", "bf16-mixed"])
+def test_bf16_captures_are_the_training_modules_pass_with_gradients_summed_in_fp32(precision):
+    """pico-train captures with its training module: a bf16 module under its DeepSpeed bf16 engine, the fp32 model
+    under bf16 autocast on one device. In one micro batch the files are that plain pass's, bit for bit, stored as
+    fp32; in three micro batches the gradients are summed in fp32 and stay within bf16 rounding of the fp32
+    capture."""
+    torch.manual_seed(3)
+    model = PicoDecoder(SMALL)
+    samples = np.random.default_rng(0).integers(0, 256, (7, 17))
+    one_pass = capture_learning_dynamics(model, samples, micro_batch_size=7, precision=precision)
+    if precision == "bf16":
+        plain_model = PicoDecoder(SMALL).to(torch.bfloat16)
+        plain_model.load_state_dict(model.state_dict())
+        plain = _plain_capture(plain_model, samples)
+    else:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            plain = _plain_capture(model, samples)
+    for kind in ("activations", "weights", "gradients"):
+        for name, tensor in plain[kind].items():
+            assert one_pass[kind][name].dtype == torch.float32
+            torch.testing.assert_close(one_pass[kind][name], tensor.float(), atol=0, rtol=0, msg=f"{kind} {name}")
+    in_micro_batches = capture_learning_dynamics(model, samples, micro_batch_size=3, precision=precision)
+    fp32 = _plain_capture(model, samples)
+    for name, gradient in fp32["gradients"].items():
+        scale = gradient.abs().max()
+        assert (in_micro_batches["gradients"][name] - gradient).abs().max() < 2e-2 * scale, name
+
+
+def test_auto_capture_precision_is_the_runs():
+    assert {run: probe_precision("auto", run) for run in ("fp32", "bf16-mixed", "bf16", "lightning-deepspeed-bf16")
+            } == {"fp32": "fp32", "bf16-mixed": "bf16-mixed", "bf16": "bf16", "lightning-deepspeed-bf16": "bf16"}
+    assert probe_precision("fp32", "lightning-deepspeed-bf16") == "fp32"
 
 
 CAPTURE_MEMORY = textwrap.dedent("""

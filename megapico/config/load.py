@@ -26,6 +26,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "training.nan_policy": ("stop", "skip"),
     "training.activation_checkpointing.mode": ("none", "full", "selective"),
     "checkpointing.verify": ("hash", "size"),
+    "checkpointing.learning_dynamics.precision": ("auto", "fp32", "bf16-mixed", "bf16"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
 }
 

@@ -132,8 +132,12 @@ class LearningDynamicsConfig:
     """Val sequences taken from the eval set when eval_data_path is empty (pico-analyze's pwcca wants more than
     d_model). The train split is always the next global batch."""
     micro_batch_size: int = 4
-    """Sequences per fp32 forward/backward of the capture on each DP rank: its activation memory, beside
-    training's."""
+    """Sequences per forward/backward of the capture on each DP rank: its activation memory, beside training's."""
+    precision: str = "auto"
+    """auto (the run's precision, as pico-train captures with its training module: bf16-mixed runs capture under
+    bf16 autocast, the bf16 engines with a bf16 module, fp32 runs in fp32) | fp32 (exact: the same numbers on every
+    machine; about 8x a bf16 capture's time on an A100) | bf16-mixed | bf16. Gradients are summed in fp32 and the
+    saved tensors are fp32 in every precision."""
     eval_data_path: str = ""
     """A .bin/.idx prefix whose every document is one val sequence at its own length (pico's
     pretokenized-paloma-tinsy val rows, preprocessed with --json-keys input_ids); empty = the eval set."""

@@ -9,15 +9,23 @@ sequence ([sequences, out_features]), the weight, and the weight's gradient of t
 split; fp32, keyed `layers.{i}.{suffix}`. (pico-train's own gradient is the sum of its extraction sub-batches'
 mean losses, i.e. ours times the number of sub-batches when they are of equal size; see the README.)
 
-The work runs on a separate fp32 probe built from the fp32 weights being trained (in a bf16 run: the ZeRO
-masters, not the module's bf16 rounding), so DeepSpeed's gradient hooks and partitions are untouched and step 0
-is pico's initial model exactly. It is split over the DP ranks: the split's sequences go into micro batches of
-one length (at most checkpointing.learning_dynamics.micro_batch_size x the longest sequence in tokens), DP rank r
-takes micro batches r, r + DP, ..., one fp32 forward/backward at a time, and copies only the kept rows out of
-each output. The rows and the gradients are then summed over DP onto DP rank 0 (each row is non-zero on exactly
-one rank) and, under TP, gathered into the full tensors there: the numbers a one-process TP=1 model gives.
-Extra memory per rank: the probe (weights + gradients), one micro batch of activations and the [sequences, out]
-rows. Global rank 0 writes `learning_dynamics/{train,val}_{activations,weights,gradients}.pt`.
+The work runs on a separate probe built from the fp32 weights being trained (in a bf16 run: the ZeRO masters), so
+DeepSpeed's gradient hooks and partitions are untouched and step 0 is pico's initial model exactly. Its precision
+(checkpointing.learning_dynamics.precision; `auto` takes the run's, as pico-train captures with its training
+module) is one of PROBE_PRECISIONS: `fp32` (exact, the same numbers on every machine), `bf16-mixed` (fp32 weights
+under bf16 autocast: pico-train's one-device bf16-mixed capture) or `bf16` (a bf16 module, weights rounded from
+the masters: pico-train's multi-GPU capture in its DeepSpeed bf16 engine). Gradients are summed in fp32 over the
+micro batches in every precision; the bf16 ones take about 1/8 of fp32's time on an A100.
+Only the captured weights ask for
+gradients, so the backward skips every other weight gradient (the embedding's, the head's, q/k_proj's, w_0/w_1's).
+The capture is split over the DP ranks: the split's sequences go into micro batches of one length (at most
+checkpointing.learning_dynamics.micro_batch_size x the longest sequence in tokens), DP rank r takes micro batches
+r, r + DP, ..., one forward/backward at a time, and copies only the kept rows out of each output. The rows and the
+gradients are then summed over DP onto DP rank 0 (each row is non-zero on exactly one rank) and, under TP,
+gathered into the full tensors there: the numbers a one-process TP=1 model gives. Extra memory per rank: the
+probe's weights and captured gradients, one micro batch of activations and the [sequences, out] rows. Global
+rank 0 writes `learning_dynamics/{train,val}_{activations,weights,gradients}.pt` (fp32 tensors in either
+precision).
 """
 
 from collections.abc import Sequence
@@ -34,6 +42,15 @@ from megapico.model import PicoDecoder, gather_full_tensor
 from megapico.parallel.mappings import all_gather_last_dim, group_size
 
 SUFFIXES = ("attention.v_proj", "attention.o_proj", "swiglu.w_2")
+PROBE_PRECISIONS = {"fp32": (torch.float32, False), "bf16-mixed": (torch.float32, True),
+                    "bf16": (torch.bfloat16, False)}  # name -> (the probe's dtype, bf16 autocast)
+RUN_PRECISION_PROBES = {"fp32": "fp32", "bf16-mixed": "bf16-mixed", "bf16": "bf16", "lightning-deepspeed-bf16": "bf16"}
+
+
+def probe_precision(setting: str, run_precision: str) -> str:
+    """checkpointing.learning_dynamics.precision with `auto` resolved from the run's resolved training.precision:
+    the capture runs as the training module computes (a bf16 engine's module is bf16)."""
+    return RUN_PRECISION_PROBES[run_precision] if setting == "auto" else setting
 
 
 def next_global_batch(dataset, consumed_samples: int, global_batch: int) -> np.ndarray | None:  # noqa: ANN001
@@ -50,13 +67,14 @@ def first_sequences(dataset, count: int) -> list[np.ndarray]:  # noqa: ANN001
     return [np.asarray(dataset[index]) for index in range(min(count, len(dataset)))]
 
 
-def build_probe(model: PicoDecoder, weights: dict[str, torch.Tensor], device: torch.device | None) -> PicoDecoder:
-    """An fp32 PicoDecoder on the same TP group holding `weights` (this rank's shards). Built on the meta
-    device: no random init to pay for, and the training RNG is not touched."""
+def build_probe(model: PicoDecoder, weights: dict[str, torch.Tensor], device: torch.device | None,
+                dtype: torch.dtype = torch.float32) -> PicoDecoder:
+    """A PicoDecoder of `dtype` on the same TP group holding `weights` (this rank's shards, rounded once from
+    fp32). Built on the meta device: no random init to pay for, and the training RNG is not touched."""
     with torch.device("meta"):
         probe = PicoDecoder(model.config, model.tp_group)
-    probe = probe.to_empty(device=device or torch.device("cpu"))
-    probe.load_state_dict({key: value.float() for key, value in weights.items()})
+    probe = probe.to_empty(device=device or torch.device("cpu")).to(dtype)
+    probe.load_state_dict({key: value.float().to(dtype) for key, value in weights.items()})
     return probe
 
 
@@ -68,15 +86,23 @@ def _dp_layout(dp_group: ProcessGroup | None) -> tuple[int, int]:
 
 def capture_learning_dynamics(model: PicoDecoder, sequences: Sequence[np.ndarray], micro_batch_size: int,
                               device: torch.device | None = None, weights: dict[str, torch.Tensor] | None = None,
-                              dp_group: ProcessGroup | None = None) -> dict[str, dict[str, torch.Tensor]] | None:
+                              dp_group: ProcessGroup | None = None, precision: str = "fp32",
+                              ) -> dict[str, dict[str, torch.Tensor]] | None:
     """{"activations" | "weights" | "gradients": {"layers.{i}.{suffix}": fp32 CPU tensor}} on DP rank 0, None on
     the others; collective over TP and DP. `sequences`: token arrays of any lengths >= 2 (inputs + the shifted
-    last label). `weights`: this TP rank's fp32 weights to probe (default: the model's own, cast to fp32)."""
-    probe = build_probe(model, weights if weights is not None else model.state_dict(), device)
+    last label). `weights`: this TP rank's fp32 weights to probe (default: the model's own, cast to fp32).
+    `precision`: one of PROBE_PRECISIONS."""
+    dtype, autocast = PROBE_PRECISIONS[precision]
+    probe = build_probe(model, weights if weights is not None else model.state_dict(), device, dtype)
     tp_group = model.tp_group
     dp_rank, dp_size = _dp_layout(dp_group)
     names = [f"layers.{i}.{suffix}" for i in range(model.config.n_layers) for suffix in SUFFIXES]
     modules = dict(probe.named_modules())
+    captured = {modules[name].weight for name in names}
+    for parameter in probe.parameters():
+        parameter.requires_grad_(parameter in captured)  # no weight gradient that is not kept
+    # fp32 sums over the micro batches (a bf16 .grad would round at every accumulation)
+    gradients = {name: torch.zeros_like(modules[name].weight, dtype=torch.float32) for name in names}
     full_width = {name: modules[name].weight.shape[0] * (group_size(tp_group) if name.endswith("v_proj") else 1)
                   for name in names}  # v_proj's output is split over TP ranks; o_proj's and w_2's are reduced
     rows = {name: torch.zeros(len(sequences), full_width[name], device=device) for name in names}
@@ -99,23 +125,25 @@ def capture_learning_dynamics(model: PicoDecoder, sequences: Sequence[np.ndarray
     for indices in micro_batches[dp_rank::dp_size]:
         tokens = torch.from_numpy(np.stack([sequences[i] for i in indices])).long().to(device)
         current[0] = torch.from_numpy(indices).to(device)
-        loss = probe(tokens[:, :-1], tokens[:, 1:]) * (tokens[:, 1:].numel() / predictions)
+        with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = probe(tokens[:, :-1], tokens[:, 1:]) * (tokens[:, 1:].numel() / predictions)
         loss.backward()
         del loss
+        for name in names:
+            weight = modules[name].weight
+            gradients[name].add_(weight.grad)
+            weight.grad = None
     for handle in handles:
         handle.remove()
-    gradients = {name: modules[name].weight.grad if modules[name].weight.grad is not None
-                 else torch.zeros_like(modules[name].weight) for name in names}  # a DP rank with no micro batch
     if dp_size > 1:
         root = dist.get_global_rank(dp_group, 0)
         for tensor in (*rows.values(), *gradients.values()):
             dist.reduce(tensor, dst=root, group=dp_group)
     if dp_rank != 0:
         return None
-    weights_out = {name: gather_full_tensor(f"{name}.weight", modules[name].weight.detach(), tp_group).float().cpu()
+    weights_out = {name: gather_full_tensor(f"{name}.weight", modules[name].weight.detach().float(), tp_group).cpu()
                    for name in names}
-    gradients = {name: gather_full_tensor(f"{name}.weight", gradients[name], tp_group).float().cpu()
-                 for name in names}
+    gradients = {name: gather_full_tensor(f"{name}.weight", gradients[name], tp_group).cpu() for name in names}
     return dict(activations={name: kept.cpu() for name, kept in rows.items()}, weights=weights_out,
                 gradients=gradients)
 
@@ -134,12 +162,12 @@ def save_train_data(rows: np.ndarray, tokenizer: Tokenizer | None, directory: Pa
 def save_learning_dynamics(model: PicoDecoder, weights: dict[str, torch.Tensor] | None,
                            splits: dict[str, Sequence[np.ndarray]], directory: Path, micro_batch_size: int,
                            dp_group: ProcessGroup | None = None, device: torch.device | None = None,
-                           tokenizer: Tokenizer | None = None) -> None:
+                           tokenizer: Tokenizer | None = None, precision: str = "fp32") -> None:
     """Capture every split in `splits` ("train": the next global batch, "val") and write the files (plus
     train_data/ for the train split); call on every rank. `weights`: this TP rank's fp32 weights (default the
-    model's own)."""
+    model's own); `precision`: the probe's, one of PROBE_PRECISIONS."""
     for split, sequences in splits.items():
-        states = capture_learning_dynamics(model, sequences, micro_batch_size, device, weights, dp_group)
+        states = capture_learning_dynamics(model, sequences, micro_batch_size, device, weights, dp_group, precision)
         if dist.get_rank() == 0:
             directory.mkdir(parents=True, exist_ok=True)
             for kind, tensors in states.items():

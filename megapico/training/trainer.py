@@ -50,7 +50,12 @@ from megapico.training.deepspeed_config import (
     resolve_precision,
 )
 from megapico.training.evaluation import evaluate_perplexity, evaluate_text_perplexity
-from megapico.training.learning_dynamics import first_sequences, next_global_batch, save_learning_dynamics
+from megapico.training.learning_dynamics import (
+    first_sequences,
+    next_global_batch,
+    probe_precision,
+    save_learning_dynamics,
+)
 from megapico.training.logger import RunLogger
 from megapico.training.metrics import flops_per_token
 from megapico.training.preemption import StopSignal
@@ -249,7 +254,8 @@ def pretrain(config: MegapicoConfig, after_checkpoint: Callable[[Path], list[str
                 splits = {"train": upcoming, **splits}
             save_learning_dynamics(engine.module, fp32_weights(engine), splits,
                                    checkpoint_root(config) / f"step_{step}" / "learning_dynamics",
-                                   dynamics.micro_batch_size, parallel.dp_group, engine.device, tokenizer)
+                                   dynamics.micro_batch_size, parallel.dp_group, engine.device, tokenizer,
+                                   probe_precision(dynamics.precision, precision))
         directory = save_training_checkpoint(engine, config, parallel, step, consumed)
         if dist.get_rank() == 0:
             print(f"checkpoint {directory}: {disk_bytes(directory) / 2**20:,.1f} MiB", flush=True)
