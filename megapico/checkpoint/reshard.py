@@ -39,14 +39,17 @@ def _adam_states(shard: dict) -> list[dict]:
             for group_state, partition in zip(state, partitions, strict=True)]
 
 
-def read_full_state(directory: str | Path, tp_size: int, dp_size: int,
-                    bf16: bool) -> dict[str, dict[str, torch.Tensor]]:
-    """{"weight" | "exp_avg" | "exp_avg_sq": full pico state dict} and {"step": ...} from a checkpoint dir."""
+def read_full_state(directory: str | Path, tp_size: int, dp_size: int, bf16: bool,
+                    model_states_of_tp_rank_0: dict | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """{"weight" | "exp_avg" | "exp_avg_sq": full pico state dict} and {"step": ...} from a checkpoint dir.
+    `model_states_of_tp_rank_0`: mp_rank_00_model_states.pt when the caller has read it already (it holds the
+    whole bf16 module of a pico-train run: 1.1 GB for large, not worth reading twice)."""
     directory = Path(directory)
     per_tp: dict[str, list[dict[str, torch.Tensor]]] = {name: [] for name in ("weight", *MOMENTS)}
     steps = set()
     for tp_rank in range(tp_size):
-        model_states = _load(directory / f"mp_rank_{tp_rank:02d}_model_states.pt")
+        model_states = (model_states_of_tp_rank_0 if tp_rank == 0 and model_states_of_tp_rank_0 is not None
+                        else _load(directory / f"mp_rank_{tp_rank:02d}_model_states.pt"))
         shards = [_load(zero_shard_path(directory, dp, tp_rank, bf16))["optimizer_state_dict"] for dp in range(dp_size)]
         adam = [_adam_states(shard) for shard in shards]
         tensors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in per_tp}

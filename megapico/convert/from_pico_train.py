@@ -104,7 +104,7 @@ def _read_deepspeed(fabric: Path) -> tuple[dict, dict, int, str]:
             raise CheckpointError(f"{zero_shard_path(directory, rank, 0, bf16)}: missing (the checkpoint has ZeRO "
                                   f"files of {ranks} ranks; copy it whole)")
     try:
-        full = read_full_state(directory, 1, ranks, bf16)
+        full = read_full_state(directory, 1, ranks, bf16, model_states_of_tp_rank_0=client)
     except (KeyError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{directory}: not DeepSpeed's ZeRO-2 layout ({type(err).__name__}: "
                               f"{str(err).splitlines()[0][:120]})") from None
