@@ -1,8 +1,16 @@
-"""Run a function in N gloo processes (torch.multiprocessing) and collect what rank 0 returns."""
+"""Run a function in N gloo processes (torch.multiprocessing) and collect what rank 0 returns.
 
+The processes are forked from a forkserver that has already imported what a training run imports (torch,
+DeepSpeed, torch._dynamo through DeepSpeed's and torch's optimizers, datasets, wandb, megapico's trainer: 4-5 s per
+process, paid once per test session instead of at every launch); each one takes the launching process's
+environment as it is at the call, as a spawned process would.
+"""
+
+import multiprocessing
 import os
 import sys
 import traceback
+from multiprocessing import reduction
 
 import torch
 import torch.distributed as dist
@@ -10,8 +18,29 @@ import torch.multiprocessing as mp
 
 from megapico.parallel import free_port
 
+PRELOAD = ["torch", "torch._dynamo", "torch._inductor.compile_fx", "deepspeed",
+           "deepspeed.runtime.zero.muon.muon_optimizer", "datasets", "wandb", "safetensors.torch",
+           "megapico.training.trainer", "distributed"]
 
-def _worker(rank, world_size, port, fn, args, result_path):
+
+class _LaunchersStdio:
+    """The launching process's stdout and stderr as they are at the launch (pytest's capture included), sent with
+    the process to the forked worker, which would otherwise write to the forkserver's."""
+
+    def __reduce__(self):  # runs while the process is being sent: DupFd then hands the descriptors over with it
+        return (_attach_stdio, (reduction.DupFd(1), reduction.DupFd(2)))
+
+
+def _attach_stdio(stdout, stderr):
+    for target, inherited in ((1, stdout), (2, stderr)):
+        descriptor = inherited.detach()
+        os.dup2(descriptor, target)
+        os.close(descriptor)
+
+
+def _worker(rank, world_size, port, environment, stdio, fn, args, result_path):
+    os.environ.clear()
+    os.environ.update(environment)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
@@ -35,7 +64,10 @@ def _worker(rank, world_size, port, fn, args, result_path):
 def run_distributed(fn, world_size, *args, tmp_path):
     """fn(rank, world_size, *args) runs on every rank; rank 0's return value comes back."""
     result_path = os.path.join(tmp_path, f"result_{fn.__name__}.pt")
-    mp.spawn(_worker, args=(world_size, free_port(), fn, args, result_path), nprocs=world_size, join=True)
+    multiprocessing.set_forkserver_preload(PRELOAD)  # takes effect when the forkserver first starts
+    mp.start_processes(_worker, args=(world_size, free_port(), dict(os.environ), _LaunchersStdio(), fn, args,
+                                      result_path),
+                       nprocs=world_size, join=True, start_method="forkserver")
     return torch.load(result_path, weights_only=False)
 
 

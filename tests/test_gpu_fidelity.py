@@ -121,11 +121,11 @@ CAPTURE_MEMORY = textwrap.dedent("""
     from megapico.model import PicoDecoder
     from megapico.training.learning_dynamics import capture_learning_dynamics
     torch.set_num_threads(1)
-    config = ModelConfig(d_model=96, n_layers=4, attention_n_heads=12, attention_n_kv_heads=4,
-                         activation_hidden_dim=384, vocab_size=1024, max_seq_len=512)
+    config = ModelConfig(d_model=96, n_layers=4, attention_n_heads=4, attention_n_kv_heads=2,
+                         activation_hidden_dim=384, vocab_size=1024, max_seq_len=256)
     torch.manual_seed(0)
     model = PicoDecoder(config)
-    samples = np.random.default_rng(0).integers(0, 1024, (128, 513))
+    samples = np.random.default_rng(0).integers(0, 1024, (128, 257))
     micro = 8
     with torch.device("meta"):  # the probe is built on the meta device: pay its one-time imports (70 MB) in both
         PicoDecoder(config)
@@ -140,9 +140,9 @@ CAPTURE_MEMORY = textwrap.dedent("""
 
 
 def test_capture_memory_is_one_micro_batch_plus_the_kept_rows(tmp_path):
-    """Peak RSS of a 128 x 512 capture in micro batches of 8 against training forward + backward passes over the
-    same micro batches. Keeping views of whole outputs (the old hook) pinned 128 x 512 x 224 x 4 B x 4 layers =
-    235 MB more; now the extra is the probe (weights + gradients, 7 MB) and the kept rows (0.5 MB)."""
+    """Peak RSS of a 128 x 256 capture in micro batches of 8 against training forward + backward passes over the
+    same micro batches. Keeping views of whole outputs (the old hook) pinned 128 x 256 x 240 x 4 B x 4 layers =
+    126 MB more; now the extra is the probe (weights + gradients, 7 MB) and the kept rows (0.5 MB)."""
     script = tmp_path / "capture_memory.py"
     script.write_text(CAPTURE_MEMORY)
     peaks = {}
@@ -239,7 +239,9 @@ def test_master_weights_are_gathered_onto_every_dp_rank(sample_prefix, tmp_path)
 
 @pytest.mark.parametrize("precision", ["bf16", "bf16-mixed"])
 def test_step_0_of_a_bf16_run_is_pico_fp32_init_exactly(sample_prefix, tmp_path, precision):
-    """At DP=2: in bf16 the capture reads the masters gathered onto every DP rank."""
+    """At DP=2 the checkpoint holds pico's fp32 init exactly; the capture, in the run's precision, reads the masters
+    gathered onto every DP rank: the bf16 engine's probe holds them rounded to bf16 (the module pico-train's bf16
+    engine captures with), bf16-mixed's the fp32 masters themselves."""
     from megapico.convert.checkpoint_reader import load_checkpoint
 
     train(2, overrides(sample_prefix, tmp_path, **{
@@ -253,7 +255,8 @@ def test_step_0_of_a_bf16_run_is_pico_fp32_init_exactly(sample_prefix, tmp_path,
     assert saved.keys() == init.keys()
     assert all(torch.equal(saved[key], init[key]) for key in init)
     weights = torch.load(step_0 / "learning_dynamics" / "train_weights.pt")
-    assert all(torch.equal(weights[name], init[f"{name}.weight"]) for name in weights)
+    probe_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert all(torch.equal(weights[name], init[f"{name}.weight"].to(probe_dtype).float()) for name in weights)
 
 
 @pytest.fixture(scope="module")
