@@ -1,5 +1,5 @@
 """Checkpoints that can be trusted: manifests, verification before loading, fall-back, explicit resume errors on
-every rank, graceful stop on SIGTERM, one run record (metrics.jsonl, one wandb run) across launches."""
+every rank, one run record (metrics.jsonl, one wandb run) across launches, retention."""
 
 import json
 import os
@@ -109,21 +109,6 @@ def test_a_kill_while_writing_the_manifest_leaves_latest_on_the_previous_checkpo
     assert resumed["resumed_from"] == 2 and resumed["losses"] == {s: reference["losses"][s] for s in (3, 4, 5)}
 
 
-def test_sigterm_saves_the_step_exits_cleanly_and_resumes_exactly(sample_prefix, tmp_path, capfd):
-    """SIGTERM reaches rank 1 only, during step 3: both ranks stop after step 3, save it, and return normally."""
-    settings = overrides(sample_prefix, tmp_path, **{"training.micro_batch_size": 2})
-    first = train(2, settings, tmp_path, fault="sigterm_on_rank_1_at_step_3")
-    assert sorted(first["losses"]) == [1, 2, 3]
-    assert "step 3: a stop on another rank; checkpoint of step 3 saved" in capfd.readouterr().out
-    checkpoints = tmp_path / "runs" / "megapico-run" / "checkpoints"
-    assert (checkpoints / "latest").read_text() == "step_3"
-    resumed = train(2, settings, tmp_path)
-    uninterrupted = train(2, overrides(sample_prefix, tmp_path / "whole", **{"training.micro_batch_size": 2}),
-                          tmp_path)
-    assert resumed["resumed_from"] == 3
-    assert {**first["losses"], **resumed["losses"]} == uninterrupted["losses"]
-
-
 def test_one_wandb_run_across_launches(sample_prefix, tmp_path):
     settings = {"logging.wandb_mode": "offline", "training.exit_interval": 3}
     train(1, overrides(sample_prefix, tmp_path, **settings), tmp_path)
@@ -180,39 +165,6 @@ def test_plot_run_draws_the_metrics_record(sample_prefix, tmp_path, capsys):
     assert "metrics.jsonl: no metrics record" in capsys.readouterr().err
 
 
-def test_sigterm_to_the_deepspeed_job_saves_and_exits_within_its_grace(sample_prefix, tmp_path):
-    """What a cluster does on preemption: SIGTERM to the job's processes (`deepspeed`, its launch.py, which passes
-    it on and kills 30 s later, and the ranks). Both ranks finish their step, save it and exit well inside the
-    grace; no FutureWarning on the way."""
-    import re
-    import signal
-    import time
-
-    settings = overrides(sample_prefix, tmp_path, **{"parallel.tensor_parallel_size": 2, "training.max_steps": 100000,
-                                                     "training.lr_warmup_steps": 2})
-    command = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-               str(32500 + os.getpid() % 1000), str(REPO / "pretrain.py"), *settings]
-    launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
-    lines = []
-    for line in launcher.stdout:  # wait until training runs
-        lines.append(line)
-        if line.startswith("step 3/100000 |"):
-            break
-    signalled = time.monotonic()
-    os.killpg(launcher.pid, signal.SIGTERM)
-    lines += launcher.stdout.readlines()
-    launcher.wait(timeout=60)
-    elapsed = time.monotonic() - signalled
-    output = "".join(lines)
-    match = re.search(r"step (\d+): SIGTERM received; checkpoint of step \1 saved, exiting", output)
-    assert match, output[-3000:]
-    assert elapsed < 30 and "FutureWarning" not in output
-    checkpoints = tmp_path / "runs" / "megapico-run" / "checkpoints"
-    assert (checkpoints / "latest").read_text() == f"step_{match[1]}"
-    assert read_manifest(checkpoints / f"step_{match[1]}")["kind"] == "full"
-
-
 def test_size_only_verification_catches_truncation_not_bit_flips(tmp_path):
     from megapico.checkpoint.manifest import verify_checkpoint, write_manifest
 
@@ -227,81 +179,3 @@ def test_size_only_verification_catches_truncation_not_bit_flips(tmp_path):
     _damage(tmp_path / "mp_rank_00_model_states.pt", "truncated")
     assert verify_checkpoint(tmp_path, 1, full_hash=False).endswith(
         "mp_rank_00_model_states.pt: 500 bytes, the manifest says 1000 (truncated?)")
-
-
-def _launch_and_kill_the_launcher(launcher_command, settings, tmp_path, sig, at_step=5):
-    """Start a run under a launcher, send `sig` to the launcher's pid alone once step `at_step` is logged, and
-    collect the output until every process it started has exited. Returns (output, step checkpointed)."""
-    import re
-    import signal
-
-    import psutil
-
-    process = subprocess.Popen([*launcher_command, str(REPO / "pretrain.py"), *settings], cwd=REPO, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    lines = []
-    for line in process.stdout:
-        lines.append(line)
-        if line.startswith(f"step {at_step}/"):
-            break
-    started = psutil.Process(process.pid).children(recursive=True)  # the per-node launcher and the ranks
-    os.kill(process.pid, sig)  # the launcher alone, as `kill PID` or a supervisor of its child does
-    lines += process.stdout.readlines()  # EOF once every rank (which holds the pipe) has exited
-    process.wait(timeout=60)
-    _, alive = psutil.wait_procs(started, timeout=60)
-    for leftover in alive:
-        leftover.send_signal(signal.SIGKILL)
-    output = "".join(lines)
-    assert not alive, f"processes outlived their launcher: {alive}\n{output[-3000:]}"
-    match = re.search(r"step (\d+): (.+) is gone; checkpoint of step \1 saved, exiting", output)
-    assert match, output[-3000:]
-    checkpoints = tmp_path / "runs" / "megapico-run" / "checkpoints"
-    assert (checkpoints / "latest").read_text() == f"step_{match[1]}"
-    return output, int(match[1]), match[2]
-
-
-def _deepspeed_runner(port_offset):
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
-            str(port_offset + os.getpid() % 1000)]
-
-
-def test_sigterm_to_the_deepspeed_runner_alone_saves_the_step_and_resumes_exactly(sample_prefix, tmp_path):
-    """DeepSpeed's runner forwards no SIGTERM on one node and dies of it: the ranks see it gone at the end of the
-    step, save that step (none was due) and exit; the same command resumes it, equal to an uninterrupted run."""
-    import signal
-
-    settings = overrides(sample_prefix, tmp_path, **{"training.max_steps": 12, "training.micro_batch_size": 2})
-    _, step, what = _launch_and_kill_the_launcher(_deepspeed_runner(33500), settings, tmp_path, signal.SIGTERM,
-                                                  at_step=3)
-    assert what.startswith("the deepspeed runner (pid") and 3 <= step < 12
-    out = subprocess.run([*_deepspeed_runner(34500), str(REPO / "pretrain.py"), *settings], cwd=REPO,
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and "resumed from" in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
-    whole = overrides(sample_prefix, tmp_path / "whole", **{"training.max_steps": 12, "training.micro_batch_size": 2})
-    assert subprocess.run([*_deepspeed_runner(35500), str(REPO / "pretrain.py"), *whole], cwd=REPO,
-                          capture_output=True, timeout=600).returncode == 0
-
-    def losses(run):
-        records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        return {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
-
-    resumed, uninterrupted = losses(tmp_path / "runs" / "megapico-run"), losses(tmp_path / "whole" / "runs" /
-                                                                                 "megapico-run")
-    assert sorted(resumed) == list(range(1, 13)) and resumed == uninterrupted
-
-
-@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
-def test_a_sigkilled_launcher_leaves_no_rank_running(sample_prefix, tmp_path, launcher):
-    """SIGKILL forwards nothing: the ranks notice their launcher (the deepspeed runner; torchrun's agent, their
-    parent) is gone, save the step in progress and exit within one step."""
-    import signal
-
-    settings = overrides(sample_prefix, tmp_path, **{"training.max_steps": 100000, "training.lr_warmup_steps": 2,
-                                                     "training.micro_batch_size": 2})
-    command = _deepspeed_runner(36500) if launcher == "deepspeed" else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-        str(37500 + os.getpid() % 1000)]
-    _, step, what = _launch_and_kill_the_launcher(command, settings, tmp_path, signal.SIGKILL)
-    assert what.startswith("the deepspeed runner" if launcher == "deepspeed" else "torchrun's agent")
-    assert step in (6, 7)  # killed during step 6: seen at its end (or, at worst, the next one)

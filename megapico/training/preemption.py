@@ -10,10 +10,18 @@ way the ranks would otherwise train on without it. At the end of every step the 
 all-reduce on a CPU (gloo) group, so every rank stops after the same step even when the signal (or the loss of a
 launcher) reached only some of them; the trainer then saves that step and exits 0. Plain `python pretrain.py`
 has no launcher above it and is unchanged.
+
+A launcher can also take the console with it: Open MPI's mpirun forwards its ranks' output through pipes it reads
+itself, so once it is SIGKILLed the ranks' next print raises BrokenPipeError and would end them before they save.
+At the same step end the ranks look at their standard output and error (a poll of the two descriptors, no
+write), and a stream whose reader is gone is pointed at `{run dir}/console_rank{R}.log` (the descriptor itself, so
+C++ writes follow), where the rest of that rank's output, the stop's own line included, lands.
 """
 
 import os
+import select
 import signal
+import sys
 from pathlib import Path
 
 import psutil
@@ -74,13 +82,49 @@ class LauncherWatch:
         return None
 
 
+def reader_is_gone(descriptor: int) -> bool:
+    """Whether a write to `descriptor` would fail with EPIPE: a pipe or socket whose reading end has closed. A file
+    or a terminal is never gone. poll() reports it as POLLERR/POLLHUP without writing anything."""
+    poller = select.poll()
+    poller.register(descriptor, select.POLLOUT)
+    try:
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except OSError:
+        return False
+
+
+def keep_the_console(log_path: Path) -> list[str]:
+    """Point standard output and error at `log_path` (appended to) if their reader is gone; the names of the
+    streams moved. Python's stream objects keep their descriptors, so every later print follows."""
+    moved = []
+    for name, stream in (("stdout", sys.stdout), ("stderr", sys.stderr)):
+        try:
+            descriptor = stream.fileno()
+        except (AttributeError, OSError, ValueError):  # replaced by something that is not a file (a test capture)
+            continue
+        if not reader_is_gone(descriptor):
+            continue
+        try:
+            stream.flush()
+        except OSError:  # the bytes still buffered for the lost reader go with it
+            pass
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        target = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(target, descriptor)
+        os.close(target)
+        moved.append(name)
+    return moved
+
+
 class StopSignal:
-    def __init__(self) -> None:
-        """Collective: every rank creates the CPU group at the same point."""
+    def __init__(self, run_dir: Path | None = None) -> None:
+        """Collective: every rank creates the CPU group at the same point. `run_dir`: where a rank's output goes
+        once its console is gone (console_rank{R}.log); None leaves the console alone."""
         self.received: str | None = None
         self.group = dist.new_group(backend="gloo") if dist.get_world_size() > 1 else None
         self.previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
         self.watch = LauncherWatch()
+        self.console_log = run_dir / f"console_rank{dist.get_rank()}.log" if run_dir is not None else None
 
     def _handle(self, signum: int, frame) -> None:  # noqa: ANN001
         self.received = f"{signal.Signals(signum).name} received"
@@ -90,6 +134,9 @@ class StopSignal:
         when only another rank knows), or None; collective."""
         if self.received is None:
             self.received = self.watch.gone()
+        if self.console_log is not None and (moved := keep_the_console(self.console_log)):
+            print(f"{' and '.join(moved)} lost their reader (the launcher that forwarded them is gone?); this "
+                  f"rank's output continues here", flush=True)
         flag = torch.tensor([1 if self.received else 0], dtype=torch.int32)
         if self.group is not None:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)

@@ -274,7 +274,7 @@ def pretrain(config: MegapicoConfig, after_checkpoint: Callable[[Path], list[str
         result.perplexities[step] = perplexity
         logger.log_eval(step, perplexity)
 
-    stop = StopSignal()
+    stop = StopSignal(run_dir)
     engine.train()
     if resumed is None and dynamics.enabled:
         save_checkpoint(0)  # pico keeps the initial model and its learning dynamics as step_0
