@@ -19,7 +19,8 @@ fi
 
 if command -v slurmctld >/dev/null && ! sinfo -h >/dev/null 2>&1; then
   host=$(hostname)
-  mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm /run/munge
+  state=/var/spool/megapico-slurm  # its own state: another cluster's files there would stop slurmctld
+  mkdir -p /etc/slurm "$state/ctld" "$state/d" /var/log/slurm /run/munge
   cat > /etc/slurm/slurm.conf <<EOF
 ClusterName=megapico-ci
 SlurmctldHost=$host
@@ -32,8 +33,8 @@ SlurmUser=root
 SlurmdUser=root
 SlurmctldPidFile=/run/slurmctld.pid
 SlurmdPidFile=/run/slurmd.pid
-SlurmdSpoolDir=/var/spool/slurmd
-StateSaveLocation=/var/spool/slurmctld
+SlurmdSpoolDir=$state/d
+StateSaveLocation=$state/ctld
 SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
@@ -49,8 +50,13 @@ EOF
   chown -R munge:munge /etc/munge /run/munge /var/lib/munge /var/log/munge 2>/dev/null
   chmod 400 /etc/munge/munge.key
   pgrep -x munged >/dev/null || su -s /bin/sh munge -c /usr/sbin/munged
-  pgrep -x slurmctld >/dev/null || slurmctld
-  pgrep -x slurmd >/dev/null || slurmd
+  pkill -x slurmd; pkill -x slurmctld; sleep 1  # daemons of an earlier configuration
+  slurmctld -c
+  for _ in $(seq 30); do  # slurmd registers once at start (then every few minutes): the controller first
+    scontrol ping 2>/dev/null | grep -q "is UP" && break
+    sleep 1
+  done
+  slurmd
   for _ in $(seq 30); do
     sinfo -h -o "%a %T" 2>/dev/null | grep -q "^up idle" && break
     sleep 1
