@@ -38,7 +38,8 @@ def _attach_stdio(stdout, stderr):
         os.close(descriptor)
 
 
-def _worker(rank, world_size, port, environment, stdio, fn, args, result_path):
+def _worker(rank, world_size, port, environment, stdio_attached, fn, args, result_path):
+    # stdio_attached: None, _LaunchersStdio's work is done while this process is unpickled
     os.environ.clear()
     os.environ.update(environment)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),

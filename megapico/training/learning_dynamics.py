@@ -15,16 +15,16 @@ DeepSpeed's gradient hooks and partitions are untouched and step 0 is pico's ini
 module) is one of PROBE_PRECISIONS: `fp32` (exact, the same numbers on every machine), `bf16-mixed` (fp32 weights
 under bf16 autocast: pico-train's one-device bf16-mixed capture) or `bf16` (a bf16 module, weights rounded from
 the masters: pico-train's multi-GPU capture in its DeepSpeed bf16 engine). Gradients are summed in fp32 over the
-micro batches in every precision; the bf16 ones take about 1/8 of fp32's time on an A100.
-Only the captured weights ask for
-gradients, so the backward skips every other weight gradient (the embedding's, the head's, q/k_proj's, w_0/w_1's).
+micro batches in every precision; the bf16 ones take about 1/8 of fp32's time on an A100. Only the captured
+weights ask for gradients, so the backward skips every other weight gradient (the embedding's, the head's,
+q/k_proj's, w_0/w_1's).
 The capture is split over the DP ranks: the split's sequences go into micro batches of one length (at most
 checkpointing.learning_dynamics.micro_batch_size x the longest sequence in tokens), DP rank r takes micro batches
 r, r + DP, ..., one forward/backward at a time, and copies only the kept rows out of each output. The rows and the
 gradients are then summed over DP onto DP rank 0 (each row is non-zero on exactly one rank) and, under TP,
 gathered into the full tensors there: the numbers a one-process TP=1 model gives. Extra memory per rank: the
 probe's weights and captured gradients, one micro batch of activations and the [sequences, out] rows. Global
-rank 0 writes `learning_dynamics/{train,val}_{activations,weights,gradients}.pt` (fp32 tensors in either
+rank 0 writes `learning_dynamics/{train,val}_{activations,weights,gradients}.pt` (fp32 tensors in every
 precision).
 """
 
@@ -40,17 +40,19 @@ from megapico.data.pretokenized_dataset import length_batches
 from megapico.data.tokenizer import Tokenizer
 from megapico.model import PicoDecoder, gather_full_tensor
 from megapico.parallel.mappings import all_gather_last_dim, group_size
+from megapico.training.deepspeed_config import BF16_ENGINE
 
 SUFFIXES = ("attention.v_proj", "attention.o_proj", "swiglu.w_2")
 PROBE_PRECISIONS = {"fp32": (torch.float32, False), "bf16-mixed": (torch.float32, True),
                     "bf16": (torch.bfloat16, False)}  # name -> (the probe's dtype, bf16 autocast)
-RUN_PRECISION_PROBES = {"fp32": "fp32", "bf16-mixed": "bf16-mixed", "bf16": "bf16", "lightning-deepspeed-bf16": "bf16"}
 
 
 def probe_precision(setting: str, run_precision: str) -> str:
     """checkpointing.learning_dynamics.precision with `auto` resolved from the run's resolved training.precision:
     the capture runs as the training module computes (a bf16 engine's module is bf16)."""
-    return RUN_PRECISION_PROBES[run_precision] if setting == "auto" else setting
+    if setting != "auto":
+        return setting
+    return "bf16" if run_precision in BF16_ENGINE else run_precision
 
 
 def next_global_batch(dataset, consumed_samples: int, global_batch: int) -> np.ndarray | None:  # noqa: ANN001
