@@ -394,6 +394,9 @@ def test_bad_pico_train_checkpoints_are_one_line_errors_and_write_nothing(pico_r
         (scrambled, settings, "the parameter order is not pico's"),
         (checkpoint, [*settings, "training.lr=1e-3"], "pico-train's AdamW has lr=0.003"),
         (checkpoint, [*settings, "model.n_layers=4"], "model.n_layers=4 but the pico-train checkpoint has 2"),
+        # a recipe of longer sequences than the checkpoint's model: refused before anything is written
+        (checkpoint, [*[item for item in settings if not item.startswith("model")], "data.seq_len=2048"],
+         "the imported run's config: data.seq_len=2048 exceeds model.max_seq_len=64"),
     ]
     for source, arguments, message in cases:
         assert convert([str(source), "--output", str(output), *arguments]) == 1

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from megapico.checkpoint.files import read_checkpoint_file
 from megapico.model import merge_tp_state_dicts, shard_state_dict
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -20,12 +21,6 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 def zero_shard_path(directory: Path, dp_rank: int, tp_rank: int, bf16: bool) -> Path:
     """DeepSpeed's name for a ZeRO partition file (bf16 runs prefix it with bf16_)."""
     return directory / f"{'bf16_' if bf16 else ''}zero_pp_rank_{dp_rank}_mp_rank_{tp_rank:02d}_optim_states.pt"
-
-
-def _load(path: Path) -> dict:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing checkpoint shard (was the save interrupted, or a file lost?)")
-    return torch.load(path, map_location="cpu", weights_only=False)
 
 
 def _adam_states(shard: dict) -> list[dict]:
@@ -39,6 +34,7 @@ def _adam_states(shard: dict) -> list[dict]:
             for group_state, partition in zip(state, partitions, strict=True)]
 
 
+@torch.no_grad()
 def read_full_state(directory: str | Path, tp_size: int, dp_size: int, bf16: bool,
                     model_states_of_tp_rank_0: dict | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """{"weight" | "exp_avg" | "exp_avg_sq": full pico state dict} and {"step": ...} from a checkpoint dir.
@@ -49,8 +45,9 @@ def read_full_state(directory: str | Path, tp_size: int, dp_size: int, bf16: boo
     steps = set()
     for tp_rank in range(tp_size):
         model_states = (model_states_of_tp_rank_0 if tp_rank == 0 and model_states_of_tp_rank_0 is not None
-                        else _load(directory / f"mp_rank_{tp_rank:02d}_model_states.pt"))
-        shards = [_load(zero_shard_path(directory, dp, tp_rank, bf16))["optimizer_state_dict"] for dp in range(dp_size)]
+                        else read_checkpoint_file(directory / f"mp_rank_{tp_rank:02d}_model_states.pt"))
+        shards = [read_checkpoint_file(zero_shard_path(directory, dp, tp_rank, bf16))["optimizer_state_dict"]
+                  for dp in range(dp_size)]
         adam = [_adam_states(shard) for shard in shards]
         tensors: dict[str, dict[str, torch.Tensor]] = {name: {} for name in per_tp}
         for group, shapes in enumerate(model_states["param_shapes"]):

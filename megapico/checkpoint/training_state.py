@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megapico.checkpoint.files import read_checkpoint_file
 from megapico.checkpoint.manifest import is_pruned, read_manifest, verify_checkpoint, write_manifest
 from megapico.config import MegapicoConfig, save_config
 from megapico.parallel import ParallelState, agree_across_ranks
@@ -165,4 +166,4 @@ def restore_rng(config: MegapicoConfig, point: ResumePoint) -> None:
     """Each rank takes back its own RNG state when the layout is unchanged (it has no twin otherwise)."""
     path = checkpoint_root(config) / point.tag / f"rng_rank{dist.get_rank()}.pt"
     if path.is_file() and dist.get_world_size() == point.tensor_parallel_size * point.data_parallel_size:
-        _set_rng_state(torch.load(path, weights_only=True))
+        _set_rng_state(read_checkpoint_file(path))

@@ -12,15 +12,12 @@ from pathlib import Path
 
 import torch
 
+from megapico.checkpoint.files import CheckpointError, read_checkpoint_file
 from megapico.checkpoint.manifest import is_pruned, verify_checkpoint
 from megapico.checkpoint.reshard import read_full_state
 from megapico.checkpoint.training_state import STATE_FILE
 from megapico.config import MegapicoConfig, load_config
 from megapico.model import merge_tp_state_dicts
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be converted; one line naming the file and the fix."""
 
 
 @dataclass
@@ -82,7 +79,7 @@ def load_checkpoint(path: str | Path, verify_hash: bool = True) -> LoadedCheckpo
         path_tp = directory / f"mp_rank_{tp_rank:02d}_model_states.pt"
         if not path_tp.is_file():
             raise CheckpointError(f"{path_tp}: missing TP shard {tp_rank} of {tp}; the checkpoint is incomplete")
-        saved = torch.load(path_tp, map_location="cpu", weights_only=False)
+        saved = read_checkpoint_file(path_tp)
         if saved.get("global_steps") != step:
             raise CheckpointError(f"{path_tp}: from step {saved.get('global_steps')}, but the checkpoint is step "
                                   f"{step}; shards from different steps were mixed")
@@ -92,10 +89,7 @@ def load_checkpoint(path: str | Path, verify_hash: bool = True) -> LoadedCheckpo
         if len(zero_files) != tp * dp:
             raise CheckpointError(f"{directory}: {len(zero_files)} ZeRO shards, TP={tp} x DP={dp} needs {tp * dp}; "
                                   f"the checkpoint is incomplete")
-        try:
-            full = read_full_state(directory, tp, dp, state["bf16"])["weight"]
-        except FileNotFoundError as err:
-            raise CheckpointError(str(err)) from None
+        full = read_full_state(directory, tp, dp, state["bf16"])["weight"]
         source = f"fp32 master weights from {tp * dp} ZeRO partitions"
     else:
         full = merge_tp_state_dicts(module_shards)

@@ -29,9 +29,9 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from megapico.checkpoint.files import CheckpointError, read_checkpoint_file
 from megapico.checkpoint.reshard import MOMENTS, read_full_state, zero_shard_path
-from megapico.config import ConfigError, MegapicoConfig, ModelConfig
-from megapico.convert.checkpoint_reader import CheckpointError
+from megapico.config import ConfigError, MegapicoConfig, ModelConfig, validate_config
 from megapico.convert.from_hf import read_pico_hf
 from megapico.parallel import free_port
 
@@ -46,15 +46,8 @@ class PicoTrainCheckpoint:
     layout: str
 
 
-def _load_pickle(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # truncated or not a torch file: name it
-        raise CheckpointError(f"{path}: unreadable ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
-
-
 def _read_one_device(path: Path) -> tuple[dict, dict, int]:
-    state = _load_pickle(path)
+    state = read_checkpoint_file(path)
     missing = [key for key in ("_model", "_optimizer", "_checkpoint_step") if key not in state]
     if missing:
         raise CheckpointError(f"{path}: no '{missing[0]}'; not a pico-train fabric checkpoint")
@@ -95,7 +88,7 @@ def _read_deepspeed(fabric: Path) -> tuple[dict, dict, int, str]:
                               f"checkpoint")
     if (directory / "mp_rank_01_model_states.pt").exists():
         raise CheckpointError(f"{directory}: holds model-parallel ranks; pico-train's DeepSpeed checkpoints have one")
-    client = _load_pickle(directory / "mp_rank_00_model_states.pt")
+    client = read_checkpoint_file(directory / "mp_rank_00_model_states.pt")
     bf16 = any(directory.glob("bf16_zero_pp_rank_*_optim_states.pt"))
     files = sorted(directory.glob(f"{'bf16_' if bf16 else ''}zero_pp_rank_*_mp_rank_00_optim_states.pt"))
     ranks = int(client.get("dp_world_size", len(files)))  # DeepSpeed records the DP size it saved from
@@ -105,6 +98,8 @@ def _read_deepspeed(fabric: Path) -> tuple[dict, dict, int, str]:
                                   f"files of {ranks} ranks; copy it whole)")
     try:
         full = read_full_state(directory, 1, ranks, bf16, model_states_of_tp_rank_0=client)
+    except CheckpointError:
+        raise
     except (KeyError, ValueError, RuntimeError) as err:
         raise CheckpointError(f"{directory}: not DeepSpeed's ZeRO-2 layout ({type(err).__name__}: "
                               f"{str(err).splitlines()[0][:120]})") from None
@@ -201,6 +196,10 @@ def pico_train_to_megapico(directory: str | Path, config: MegapicoConfig) -> tup
     config.parallel.tensor_parallel_size, config.parallel.sequence_parallel = 1, False
     config.training.micro_batch_size, config.training.gradient_accumulation_steps = checkpoint.global_batch, 1
     config.training.global_batch_size = checkpoint.global_batch
+    try:  # the whole config the checkpoint will carry, as pretrain.py would check it, before anything is written
+        validate_config(config, world_size=1)
+    except ConfigError as err:
+        raise ConfigError(f"the imported run's config: {err}") from None
     run_dir = root.parent
     created = not run_dir.exists()
     try:

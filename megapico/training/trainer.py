@@ -15,6 +15,7 @@ import torch.distributed as dist
 from deepspeed.runtime import torch_autocast as deepspeed_autocast
 from torch.utils.data import DataLoader
 
+from megapico.checkpoint.files import use_data_only_loads
 from megapico.checkpoint.manifest import disk_bytes
 from megapico.checkpoint.reshard import (
     gather_master_weights,
@@ -120,6 +121,7 @@ def build_engine(config: MegapicoConfig, parallel: ParallelState):  # noqa: ANN2
     deepspeed_autocast.TORCH_AUTOCAST_INITIALIZED = ds_config["torch_autocast"]["enabled"]
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config, mpu=parallel)
+    use_data_only_loads(engine)  # engine.load_checkpoint reads checkpoints as data, never as code
     if fp32_init is not None:  # DeepSpeed cloned the masters from the bf16-cast module: give them pico's fp32 init
         write_local_state_into_engine(engine, {"weight": fp32_init}, step=None)
     return engine, scheduler
