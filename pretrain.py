@@ -10,8 +10,10 @@ import argparse
 import os
 import sys
 
+from megapico.checkpoint.paths import CheckpointError
 from megapico.checkpoint.training_state import CheckpointIntegrityError
 from megapico.config import ConfigError, load_config
+from megapico.data.blended_dataset import UnsafeCacheError
 from megapico.data.indexed_dataset import DataError
 from megapico.parallel import LaunchError
 
@@ -28,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         from megapico.training.trainer import pretrain  # deepspeed is imported only once the config is valid
 
         pretrain(config, after_checkpoint=retention_hook(config))
-    except (ConfigError, DataError, LaunchError, CheckpointIntegrityError, FileNotFoundError) as err:
+    except (ConfigError, DataError, LaunchError, CheckpointError, CheckpointIntegrityError, UnsafeCacheError,
+            FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:  # shut the process group down here, not in interpreter teardown while peers may already be gone

@@ -1,6 +1,6 @@
 """Continue a pico-train run with megapico: its checkpoint (HF files + fabric_state/) -> runs/RUN/checkpoints/step_N.
 
-    huggingface-cli download pico-lm/pico-decoder-tiny --local-dir pico-decoder-tiny      # main: step 125,000
+    hf download pico-lm/pico-decoder-tiny --local-dir pico-decoder-tiny      # main: step 125,000
     python tools/convert_from_pico_train.py pico-decoder-tiny --output runs/pico-decoder-tiny \\
         --config examples/pico_tiny_16xA100.yaml
     bash examples/pico_tiny_16xA100.sh examples/pico_tiny_16xA100.yaml checkpointing.run_name=pico-decoder-tiny \\

@@ -30,11 +30,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer", help="tokenizer.json (default: the run's data.tokenizer / the HF directory's)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="where the model runs (default: cuda when there is a GPU, else cpu)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run modelling code that a non-pico --hf directory ships (pico models always run "
+                             "megapico's own modelling file)")
     args = parser.parse_args(argv)
     try:
         model, tokenizer_path = (model_from_checkpoint(args.checkpoint, args.device) if args.checkpoint
-                                 else model_from_hf(args.hf, args.device))
+                                 else model_from_hf(args.hf, args.device, args.trust_remote_code))
         tokenizer = load_tokenizer(args.tokenizer or tokenizer_path)
         prompt_ids = tokenizer.encode(args.prompt)
         if not prompt_ids:

@@ -11,10 +11,11 @@ files of that kind hold (measured on the files pico-train and DeepSpeed 0.16.2 t
 - DeepSpeed's model-state files and megapico's `rng_rank*.pt`: nothing beyond tensors, numbers and strings.
 
 A file that needs anything else is refused with one line naming the file and the global; nothing of it runs.
-DeepSpeed's own `engine.load_checkpoint` reads through `DataOnlyCheckpointEngine`, so resume is held to the same
+DeepSpeed's own `engine.load_checkpoint` reads through it too (use_data_only_loads), so resume is held to the same
 rule. Tensors come back detached: DeepSpeed 0.16 saves its fp32 partitions with requires_grad=True.
 """
 
+import functools
 import pickle
 import re
 from pathlib import Path
@@ -22,26 +23,27 @@ from typing import Any
 
 import numpy as np
 import torch
-from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
-from deepspeed.runtime.fp16.loss_scaler import LossScaler
-from deepspeed.runtime.zero.config import ZeroStageEnum
-from deepspeed.utils.tensor_fragment import fragment_address
+
+from megapico.checkpoint.paths import CheckpointError
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, converted or resumed; one line naming the file and the fix."""
+@functools.cache
+def allowed_globals() -> dict[str, list]:
+    """The globals each kind of checkpoint file may name (DeepSpeed is imported here, not with megapico.config)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
 
-
-_NUMPY_RECONSTRUCT = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
-ALLOWED_GLOBALS: dict[str, list] = {
-    # Lightning Fabric's one-device save: the numpy RNG state inside _rng_states (numpy 2 names; numpy 1 files name
-    # the same function numpy.core.multiarray._reconstruct)
-    "pico one-device": [_NUMPY_RECONSTRUCT, (_NUMPY_RECONSTRUCT, "numpy.core.multiarray._reconstruct"), np.ndarray,
-                        np.dtype, type(np.dtype(np.uint32))],
-    "zero partition": [LossScaler, ZeroStageEnum, fragment_address],
-    "model states": [],
-    "rng": [],
-}
+    reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
+    return {
+        # Lightning Fabric's one-device save: the numpy RNG state inside _rng_states (numpy 2 names; numpy 1 files
+        # name the same function numpy.core.multiarray._reconstruct)
+        "pico one-device": [reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype,
+                            type(np.dtype(np.uint32))],
+        "zero partition": [LossScaler, ZeroStageEnum, fragment_address],
+        "model states": [],
+        "rng": [],
+    }
 
 
 def file_kind(path: Path) -> str:
@@ -53,6 +55,27 @@ def file_kind(path: Path) -> str:
     if path.name == "checkpoint.pt":
         return "pico one-device"
     return "model states"
+
+
+REFUSED = "refused, it asks to load the Python global"
+
+
+def refusal(path: Path, name: str) -> str:
+    """The one line for a file that names a global its kind never holds."""
+    return (f"{path}: {REFUSED} {name}, which no {file_kind(path)} file needs (a checkpoint is read as data, never "
+            f"as code); get the checkpoint from its author again")
+
+
+def unexpected_global(path: str | Path) -> str | None:
+    """The one-line refusal if the file's pickle names a global outside its kind's allowlist, found by reading the
+    pickle's opcodes without running any of them (None when it names none)."""
+    path = Path(path)
+    with torch.serialization.safe_globals(allowed_globals()[file_kind(path)]):
+        try:
+            found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception as err:  # not a zip of torch.save: read_checkpoint_file names it
+            return f"{path}: unreadable ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+    return refusal(path, sorted(found)[0]) if found else None
 
 
 def _detached(value: Any) -> Any:  # noqa: ANN401
@@ -71,35 +94,27 @@ def read_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> Any:  #
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: missing checkpoint file (was the save interrupted, or a file lost?)")
-    kind = file_kind(path)
+    if refused := unexpected_global(path):  # named before any byte of the pickle runs
+        raise CheckpointError(refused)
     try:
-        with torch.serialization.safe_globals(ALLOWED_GLOBALS[kind]):
+        with torch.serialization.safe_globals(allowed_globals()[file_kind(path)]):
             return _detached(torch.load(path, map_location=map_location, weights_only=True, mmap=False))
-    except pickle.UnpicklingError as err:
-        if found := re.search(r"Unsupported global: GLOBAL (\S+)", str(err)):
-            raise CheckpointError(f"{path}: refused, it asks to load the Python global {found[1]}, which no "
-                                  f"{kind} file needs (a checkpoint is read as data, never as code); get the "
-                                  f"checkpoint from its author again") from None
-        raise CheckpointError(f"{path}: refused, not plain checkpoint data "
+    except pickle.UnpicklingError as err:  # what the opcode scan cannot see (a global built on the stack)
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        raise CheckpointError(refusal(path, found[1]) if found else f"{path}: refused, not plain checkpoint data "
                               f"({str(err).splitlines()[0][:160]})") from None
     except Exception as err:  # truncated, or not a torch file at all
         raise CheckpointError(f"{path}: unreadable ({type(err).__name__}: {str(err).splitlines()[0][:120]})") from None
 
 
-class DataOnlyCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch checkpoint engine with its load (torch.load with weights_only=False) replaced by
-    read_checkpoint_file; saving is unchanged."""
-
-    def load(self, path: str, map_location: Any = None) -> Any:  # noqa: ANN401
-        return read_checkpoint_file(path, map_location if map_location is not None else "cpu")
-
-
 def use_data_only_loads(engine) -> None:  # noqa: ANN001
-    """Make `engine.load_checkpoint` read every file through read_checkpoint_file."""
-    if not isinstance(engine.checkpoint_engine, TorchCheckpointEngine):
-        raise CheckpointError(f"DeepSpeed's checkpoint engine is {type(engine.checkpoint_engine).__name__}; megapico "
-                              f"reads checkpoints only through the torch engine (remove checkpoint.* engine settings "
+    """Make `engine.load_checkpoint` read every file through read_checkpoint_file: DeepSpeed's torch checkpoint
+    engine loads with torch.load(weights_only=False); its load is replaced on this engine, saving is unchanged."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    checkpoint_engine = engine.checkpoint_engine
+    if type(checkpoint_engine) is not TorchCheckpointEngine:
+        raise CheckpointError(f"DeepSpeed's checkpoint engine is {type(checkpoint_engine).__name__}; megapico reads "
+                              f"checkpoints only through its torch engine (remove the checkpoint engine settings "
                               f"from the DeepSpeed JSON)")
-    safe = DataOnlyCheckpointEngine.__new__(DataOnlyCheckpointEngine)
-    safe.__dict__.update(engine.checkpoint_engine.__dict__)
-    engine.checkpoint_engine = safe
+    checkpoint_engine.load = lambda path, map_location=None: read_checkpoint_file(path, map_location or "cpu")

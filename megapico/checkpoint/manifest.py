@@ -9,11 +9,13 @@ them take the same decision (resume, fall back, or stop with the same one-line e
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
 import torch.distributed as dist
+
+from megapico.checkpoint.files import unexpected_global
+from megapico.checkpoint.paths import CheckpointError, relative_entry, write_text
 
 MANIFEST = "manifest.json"
 CHUNK = 8 << 20
@@ -69,9 +71,7 @@ def write_manifest(directory: Path, tp_size: int, kind: str = "full", collective
             for name in names if owner_rank(Path(name).name, tp_size, world) == rank}
     manifest = {"kind": kind, "files": dict(sorted((_gather(mine) if collective else mine).items()))}
     if rank == 0:
-        tmp = directory / f"{MANIFEST}.tmp-{os.getpid()}"
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, directory / MANIFEST)
+        write_text(directory / MANIFEST, json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -93,22 +93,31 @@ def disk_bytes(directory: Path) -> int:
 
 
 def verify_checkpoint(directory: Path, tp_size: int, full_hash: bool = True) -> str | None:
-    """None if every file of the manifest is there with its size (and sha256); else a one-line reason naming the
-    file. Collective when distributed: each rank checks its share, every rank gets the same answer."""
+    """None if every file of the manifest is there with its size (and sha256), and no pickle in it names a global
+    its kind of file never holds; else a one-line reason naming the file. Collective when distributed: each rank
+    checks its share, every rank gets the same answer."""
     manifest = read_manifest(directory)
     if manifest is None:
         return f"{directory / MANIFEST}: missing or unreadable (the save did not finish)"
     rank, world = _world()
     problems = {}
     for name, expected in manifest["files"].items():
+        try:
+            relative_entry(name, directory / MANIFEST)
+        except CheckpointError as err:
+            return str(err)  # every rank reads the same manifest and returns here alike
         if owner_rank(Path(name).name, tp_size, world) != rank:
             continue
         path = directory / name
-        if not path.is_file():
+        if path.is_symlink() or directory.resolve() not in path.resolve().parents:
+            problems[name] = f"{path}: a symbolic link or a path leading out of the checkpoint; it holds plain files"
+        elif not path.is_file():
             problems[name] = f"{path}: missing"
         elif path.stat().st_size != expected["bytes"]:
             problems[name] = f"{path}: {path.stat().st_size} bytes, the manifest says {expected['bytes']} (truncated?)"
         elif full_hash and sha256_of(path) != expected["sha256"]:
             problems[name] = f"{path}: sha256 differs from the manifest (corrupted)"
+        elif path.suffix == ".pt" and (refused := unexpected_global(path)):
+            problems[name] = refused
     problems = _gather(problems)
     return problems[min(problems)] if problems else None

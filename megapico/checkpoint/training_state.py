@@ -14,8 +14,8 @@ code-executing) DeepSpeed files is opened: sizes always, sha256 too unless check
 """
 
 import json
-import os
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +23,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megapico.checkpoint.files import read_checkpoint_file
+from megapico.checkpoint.files import REFUSED, read_checkpoint_file
 from megapico.checkpoint.manifest import is_pruned, read_manifest, verify_checkpoint, write_manifest
+from megapico.checkpoint.paths import checkpoint_tag, replacing, write_text
 from megapico.config import MegapicoConfig, save_config
 from megapico.parallel import ParallelState, agree_across_ranks
 
@@ -72,26 +73,35 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def clear_step_directory(config: MegapicoConfig, step: int) -> None:
+    """Remove what a step directory holds before step `step` is saved into it (collective): an unfinished save of
+    this step (the run fell back to an earlier checkpoint), or a link in a received run directory, which DeepSpeed
+    and the learning-dynamics capture would otherwise write through."""
+    directory = checkpoint_root(config) / f"step_{step}"
+    if dist.get_rank() == 0 and (directory.is_symlink() or directory.exists()):
+        directory.unlink() if directory.is_symlink() else shutil.rmtree(directory)
+    dist.barrier()
+
+
 def save_training_checkpoint(engine, config: MegapicoConfig, parallel: ParallelState, step: int,  # noqa: ANN001
                              consumed_samples: int) -> Path:
     root = checkpoint_root(config)
     tag = f"step_{step}"
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     directory = root / tag
-    torch.save(_rng_state(), directory / f"rng_rank{dist.get_rank()}.pt")
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    with replacing(directory / f"rng_rank{dist.get_rank()}.pt") as tmp:
+        torch.save(_rng_state(), tmp)
     if dist.get_rank() == 0:
         state = dict(step=step, consumed_samples=consumed_samples, tensor_parallel_size=parallel.tp_size,
                      data_parallel_size=parallel.dp_size, tokenizer=config.data.tokenizer,
                      bf16=bool(engine.bfloat16_enabled()))
-        (directory / STATE_FILE).write_text(json.dumps(state, indent=2))
+        write_text(directory / STATE_FILE, json.dumps(state, indent=2))
         save_config(config, directory / "config.yaml")
     dist.barrier()  # every rank's files are on disk before they are hashed
     write_manifest(directory, parallel.tp_size)  # collective; `latest` may point here only once it exists
     dist.barrier()
     if dist.get_rank() == 0:
-        tmp = root / f"latest.tmp-{os.getpid()}"
-        tmp.write_text(tag)
-        os.replace(tmp, root / "latest")
+        write_text(root / "latest", tag)
     dist.barrier()
     return directory
 
@@ -108,7 +118,7 @@ def _candidates(config: MegapicoConfig) -> list[str]:
         return []
     if mode.startswith("step_"):
         return [mode]
-    latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+    latest = checkpoint_tag((root / "latest").read_text(), root / "latest") if (root / "latest").is_file() else None
     if mode == "true":
         return [latest] if latest else []
     older = sorted((path.name for path in root.glob("step_*") if path.is_dir() and path.name != latest
@@ -150,7 +160,7 @@ def agreed_resume_point(config: MegapicoConfig) -> ResumePoint | None:
             point.verified_files = len(read_manifest(directory)["files"])
             point.rejected = tuple(rejected)
             return point
-        if mode != "auto":
+        if mode != "auto" or REFUSED in problem:  # a file that would run code is an attack, not damage: stop
             raise CheckpointIntegrityError(f"cannot resume from {directory} (checkpointing.resume={mode}): {problem}")
         rejected.append(f"{tag}: {problem}")
     if mode == "true":

@@ -4,12 +4,14 @@ Order of precedence: schema defaults < model_preset < YAML file < command-line `
 Unknown keys and wrong types are errors (never silently dropped); cross-field facts are checked once here.
 """
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from megapico.checkpoint.paths import write_text
 from megapico.config.presets import MODEL_PRESETS
 from megapico.config.schema import MegapicoConfig, ModelConfig, ParallelConfig
 
@@ -43,8 +45,25 @@ def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
         raise ConfigError(f"{source}: bad value for '{key}': {msg}") from None
 
 
-def load_config(yaml_path: str | Path | None = None, overrides: Sequence[str] = ()) -> MegapicoConfig:
-    """Build the run's config from an optional YAML file and `section.key=value` overrides."""
+def _interpolation(value: object, key: str = "") -> str | None:
+    """The dotted key of the first `${...}` value in a plain container, or None."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return key if isinstance(value, str) and "${" in value else None
+    for name, item in items:
+        if found := _interpolation(item, f"{key}.{name}" if key else str(name)):
+            return found
+    return None
+
+
+def load_config(yaml_path: str | Path | None = None, overrides: Sequence[str] = (),
+                received: bool = False) -> MegapicoConfig:
+    """Build the run's config from an optional YAML file and `section.key=value` overrides. received=True: the
+    YAML came with a checkpoint or run directory (someone else's file), so OmegaConf's `${...}` interpolations,
+    which read environment variables (`${oc.env:HF_TOKEN}`) and other keys, are refused instead of resolved."""
     merged = OmegaConf.structured(MegapicoConfig)
     yaml_cfg = OmegaConf.create()
     if yaml_path is not None:
@@ -57,6 +76,9 @@ def load_config(yaml_path: str | Path | None = None, overrides: Sequence[str] = 
             raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
         if not isinstance(yaml_cfg, DictConfig):
             raise ConfigError(f"{path}: top level must be a mapping of sections (model:, training:, ...)")
+        if received and (key := _interpolation(OmegaConf.to_container(yaml_cfg, resolve=False))):
+            raise ConfigError(f"{path}: '{key}' is an interpolation (${{...}}); a config that came with a checkpoint "
+                              f"is read as plain values, never resolved: replace it with the value")
     bad = [item for item in overrides if "=" not in item or item.startswith("=")]
     if bad:
         raise ConfigError(f"command line: override '{bad[0]}' is not of the form section.key=value")
@@ -103,6 +125,10 @@ def validate_model(model: ModelConfig, parallel: ParallelConfig | None = None) -
 def validate_config(config: MegapicoConfig, world_size: int | None = None) -> None:
     """Cross-field checks, done once. With world_size, also the DP layout and the batch arithmetic."""
     validate_model(config.model, config.parallel)
+    run_name = config.checkpointing.run_name
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", run_name) or run_name in (".", ".."):  # it becomes one path component
+        raise ConfigError(f"checkpointing.run_name='{run_name}' is not a run name: use letters, digits, '.', '_' and "
+                          f"'-' (not '.' or '..')")
     resume = config.checkpointing.resume
     if resume not in ("auto", "true", "false") and not (resume.startswith("step_") and resume[5:].isdigit()):
         raise ConfigError(f"checkpointing.resume='{resume}' is not one of auto, true, false or step_N")
@@ -148,6 +174,7 @@ def config_to_yaml(config: MegapicoConfig) -> str:
 
 
 def save_config(config: MegapicoConfig, path: str | Path) -> None:
-    Path(path).write_text(config_to_yaml(config))
+    """Write the config under a temporary name and rename it (never through a link at `path`)."""
+    write_text(Path(path), config_to_yaml(config))
 
 

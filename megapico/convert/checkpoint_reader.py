@@ -14,6 +14,7 @@ import torch
 
 from megapico.checkpoint.files import CheckpointError, read_checkpoint_file
 from megapico.checkpoint.manifest import is_pruned, verify_checkpoint
+from megapico.checkpoint.paths import checkpoint_tag
 from megapico.checkpoint.reshard import read_full_state
 from megapico.checkpoint.training_state import STATE_FILE
 from megapico.config import MegapicoConfig, load_config
@@ -34,9 +35,9 @@ def resolve_checkpoint_dir(path: str | Path) -> Path:
     """A step directory, a checkpoints/ root or its `latest` file -> the step directory."""
     path = Path(path)
     if path.name == "latest" and path.is_file():
-        return path.parent / path.read_text().strip()
+        return path.parent / checkpoint_tag(path.read_text(), path)
     if (path / "latest").is_file() and not (path / STATE_FILE).is_file():
-        return path / (path / "latest").read_text().strip()
+        return path / checkpoint_tag((path / "latest").read_text(), path / "latest")
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint (pass runs/RUN/checkpoints/step_N or .../latest)")
     return path
@@ -48,7 +49,7 @@ PRUNED_EXPORT = "hf"  # what checkpointing.keep_last leaves of an old checkpoint
 def checkpoint_config(directory: Path) -> tuple[MegapicoConfig, int]:
     """(the run's config, sequences per optimizer step) from a checkpoint's own files, full or pruned."""
     state = json.loads((directory / STATE_FILE).read_text())
-    config = load_config(directory / "config.yaml")
+    config = load_config(directory / "config.yaml", received=True)
     train = config.training
     return config, train.micro_batch_size * train.gradient_accumulation_steps * state["data_parallel_size"]
 

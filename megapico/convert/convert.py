@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from megapico.checkpoint.manifest import is_pruned
+from megapico.checkpoint.paths import copy_tree, inside
 from megapico.checkpoint.training_state import step_of
 from megapico.config import MegapicoConfig
 from megapico.convert.checkpoint_reader import (
@@ -25,7 +26,7 @@ from megapico.convert.checkpoint_reader import (
     load_checkpoint,
 )
 from megapico.convert.generate import reference_greedy
-from megapico.convert.hf_export import write_llama, write_pico_hf
+from megapico.convert.hf_export import MODELLING_FILE, TOKENIZER_FILES, write_llama, write_pico_hf
 from megapico.model import PicoDecoder
 from megapico.training.learning_dynamics import SUFFIXES
 
@@ -35,6 +36,8 @@ TOLERANCE = 1e-4
 @contextmanager
 def replacing_directory(output: Path, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary sibling of `output` to fill; it replaces `output` only if the block succeeds."""
+    if output.is_symlink():
+        raise CheckpointError(f"{output}: a symbolic link; refusing to replace what it points to (remove the link)")
     if output.exists() and not overwrite:
         raise CheckpointError(f"{output}: already exists (pass --overwrite to replace it)")
     tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
@@ -132,6 +135,18 @@ def pico_training_config(config: MegapicoConfig, global_batch_size: int) -> dict
     }
 
 
+def copy_pruned_export(source: Path, target: Path) -> None:
+    """The HF export a pruned checkpoint kept: its data files (never a link), and megapico's own modelling file
+    instead of the copy the run directory holds (a received run's pico_decoder.py is someone else's code)."""
+    target.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", *TOKENIZER_FILES):
+        if (source / name).is_symlink():
+            raise CheckpointError(f"{source / name}: a symbolic link; a run directory holds plain files")
+        if (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+    shutil.copyfile(MODELLING_FILE, target / "pico_decoder.py")
+
+
 def step_directories(run_dir: Path) -> list[Path]:
     root = run_dir / "checkpoints"
     steps = [path for path in root.glob("step_*") if (path / "megapico_state.json").is_file()]
@@ -146,25 +161,25 @@ def convert_run(run_dir: Path, output_root: Path, tokenizer: str | None = None, 
     pruned by checkpointing.keep_last contributes the verified HF export it kept."""
     steps = step_directories(run_dir)
     config, global_batch = checkpoint_config(steps[0])
-    target = output_root / config.checkpointing.run_name
     output_root.mkdir(parents=True, exist_ok=True)
+    target = inside(output_root, output_root / config.checkpointing.run_name)  # run_name is checked with the config
     with replacing_directory(target, overwrite) as tmp:
         (tmp / "checkpoints").mkdir(parents=True)
         for step_dir in (progress(steps) if progress else steps):
             out = tmp / "checkpoints" / step_dir.name
             if is_pruned(step_dir):
-                shutil.copytree(step_dir / PRUNED_EXPORT, out)
+                copy_pruned_export(step_dir / PRUNED_EXPORT, out)
                 note = f"the HF export kept when the checkpoint was pruned ({step_dir / PRUNED_EXPORT})"
             else:
                 checkpoint = load_checkpoint(step_dir)
                 gap = export_checkpoint(checkpoint, out, "pico", tokenizer, verify=verify)
                 note = f"{checkpoint.source}; verified max |logit diff| {'skipped' if gap is None else f'{gap:.2e}'}"
             if (step_dir / "learning_dynamics").is_dir():
-                shutil.copytree(step_dir / "learning_dynamics", out / "learning_dynamics")
+                copy_tree(step_dir / "learning_dynamics", out / "learning_dynamics")
             print(f"{step_dir.name}: {note}", flush=True)
         (tmp / "checkpoints" / "latest").symlink_to(steps[-1].name)
         if (run_dir / "eval_results").is_dir():
-            shutil.copytree(run_dir / "eval_results", tmp / "eval_results")
+            copy_tree(run_dir / "eval_results", tmp / "eval_results")
         (tmp / "training_config.yaml").write_text(yaml.safe_dump(pico_training_config(config, global_batch),
                                                                  sort_keys=False))
     return target

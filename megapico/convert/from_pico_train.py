@@ -30,6 +30,7 @@ import torch
 import torch.multiprocessing as mp
 
 from megapico.checkpoint.files import CheckpointError, read_checkpoint_file
+from megapico.checkpoint.paths import checkpoint_tag
 from megapico.checkpoint.reshard import MOMENTS, read_full_state, zero_shard_path
 from megapico.config import ConfigError, MegapicoConfig, ModelConfig, validate_config
 from megapico.convert.from_hf import read_pico_hf
@@ -81,7 +82,7 @@ def _read_one_device(path: Path) -> tuple[dict, dict, int]:
 
 
 def _read_deepspeed(fabric: Path) -> tuple[dict, dict, int, str]:
-    tag = (fabric / "latest").read_text().strip()
+    tag = checkpoint_tag((fabric / "latest").read_text(), fabric / "latest")
     directory = fabric / tag
     if not (directory / "mp_rank_00_model_states.pt").is_file():
         raise CheckpointError(f"{directory / 'mp_rank_00_model_states.pt'}: missing; not a complete DeepSpeed "

@@ -34,14 +34,26 @@ def model_from_checkpoint(path: str | Path, device: str = "cpu"):  # noqa: ANN20
     return model.to(device).eval(), checkpoint.config.data.tokenizer
 
 
-def model_from_hf(directory: str | Path, device: str = "cpu"):  # noqa: ANN201
+def model_from_hf(directory: str | Path, device: str = "cpu", trust_remote_code: bool = False):  # noqa: ANN201
+    """An HF directory's model. pico models run megapico's own modelling file, never the directory's
+    pico_decoder.py (a downloaded directory's code is its author's); other models run transformers' own classes,
+    and a directory's code only with trust_remote_code."""
     from transformers import AutoModelForCausalLM
 
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory / 'config.json'}: missing; --hf takes an exported HF directory")
-    remote = json.loads((directory / "config.json").read_text()).get("model_type") == "pico_decoder"
-    model = AutoModelForCausalLM.from_pretrained(str(directory), trust_remote_code=remote, dtype=torch.float32)
+    if json.loads((directory / "config.json").read_text()).get("model_type") == "pico_decoder":
+        model = _pico_hf_module().PicoDecoderHF.from_pretrained(str(directory), dtype=torch.float32)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(directory), trust_remote_code=trust_remote_code,
+                                                         dtype=torch.float32)
+        except ValueError as err:
+            if "trust_remote_code" not in str(err):
+                raise
+            raise CheckpointError(f"{directory}: its model is defined by code in the directory; read that code, then "
+                                  f"pass --trust-remote-code to run it") from None
     return model.to(device).eval(), str(directory / "tokenizer.json")
 
 

@@ -16,7 +16,8 @@ from safetensors.torch import save_file
 from megapico.config import ModelConfig
 from megapico.convert.checkpoint_reader import CheckpointError
 
-MODELLING_FILE = Path(__file__).with_name("pico_decoder_hf.py")
+MODELLING_FILE = Path(__file__).with_name("pico_decoder_hf.py")  # written into exports as pico_decoder.py
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def pico_hf_config(model: ModelConfig, batch_size: int) -> dict:

@@ -4,12 +4,18 @@ At sample i the next sample comes from the dataset d maximising w_d * max(i, 1) 
 which keeps every prefix of the stream within one sample of the weights. The loop is sequential, so it runs
 as a few lines of C compiled once with gcc (Megatron compiles a C++ helper for the same reason); without a
 compiler it falls back to Python. The result is cached like the GPT indices.
+
+The compiled helper is a shared library loaded into the training process, so whoever can write it (or the
+directory it sits in) can run code there. The cache directory is therefore created private (0o700), and an
+existing directory or library that another user owns or that group/others can write is refused with an error,
+never loaded and never silently replaced by the Python loop (that would hide a planted file).
 """
 
 import ctypes
 import hashlib
 import json
 import os
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -38,21 +44,65 @@ void build_blending_indices(int16_t *dataset_index, int64_t *dataset_sample_inde
 """
 
 
+class UnsafeCacheError(RuntimeError):
+    """The helper's cache could hold someone else's code; the message is one line naming the path and the fix."""
+
+
+_FIX = "remove it or set MEGAPICO_CACHE to a directory only you can write"
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("MEGAPICO_CACHE", Path.home() / ".cache" / "megapico"))
+
+
+def _library_path(cache: Path) -> Path:
+    """Named by the source's digest, so a changed helper is rebuilt rather than an old one loaded."""
+    return cache / f"blending-{hashlib.sha1(_C_SOURCE.encode()).hexdigest()[:12]}.so"
+
+
+def _refuse_unless_private(path: Path, info: os.stat_result, what: str, want_type: int, role: str) -> None:
+    """Raise unless `path` is of the wanted type, ours, and writable by nobody else (root can write anything)."""
+    problems = []
+    if stat.S_IFMT(info.st_mode) != want_type:
+        problems.append("a symlink" if stat.S_ISLNK(info.st_mode) else f"not a {what}")
+    if info.st_uid != os.geteuid():
+        problems.append(f"owned by uid {info.st_uid}")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        problems.append(f"writable by group/others (mode {stat.S_IMODE(info.st_mode):o})")
+    if problems:
+        raise UnsafeCacheError(f"{path}: refused, {' / '.join(problems)} ({role} megapico would load into the "
+                               f"training process); {_FIX}")
+
+
 def _compiled_helper() -> ctypes.CDLL | None:
-    digest = hashlib.sha1(_C_SOURCE.encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("MEGAPICO_CACHE", Path.home() / ".cache" / "megapico"))
-    library = cache / f"blending-{digest}.so"
-    if not library.is_file():
+    """The C helper, built on first use; None (use Python) when it cannot be built, UnsafeCacheError when the
+    cache directory or an existing library could have been written by another user."""
+    cache = _cache_dir()
+    library = _library_path(cache)
+    try:
+        cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # follows a symlinked cache directory: what matters is who can write the directory the library is in
+        directory = os.stat(cache)
+    except OSError:
+        return None  # no cache to build into (read-only home, a file in the way): the Python loop still works
+    _refuse_unless_private(cache, directory, "directory", stat.S_IFDIR, "the directory of a shared library")
+    try:
+        info = os.lstat(library)
+    except FileNotFoundError:
         try:
-            cache.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:  # private (0o700) until the atomic rename
                 source, built = Path(tmp) / "blending.c", Path(tmp) / "blending.so"
                 source.write_text(_C_SOURCE)
                 subprocess.run(["gcc", "-O3", "-shared", "-fPIC", "-o", str(built), str(source)], check=True,
                                capture_output=True)
+                os.chmod(built, 0o700)
                 os.replace(built, library)
         except (OSError, subprocess.CalledProcessError):
             return None
+        info = os.lstat(library)  # what is there now, whoever put it there
+    # checked by lstat, then loaded by the same path: the directory is ours and closed to others, so no other
+    # user can swap the file in between
+    _refuse_unless_private(library, info, "regular file", stat.S_IFREG, "a shared library")
     return ctypes.CDLL(str(library))
 
 

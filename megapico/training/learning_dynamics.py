@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from megapico.checkpoint.paths import replacing
 from megapico.data.pretokenized_dataset import length_batches
 from megapico.data.tokenizer import Tokenizer
 from megapico.model import PicoDecoder, gather_full_tensor
@@ -173,7 +174,8 @@ def save_learning_dynamics(model: PicoDecoder, weights: dict[str, torch.Tensor] 
         if dist.get_rank() == 0:
             directory.mkdir(parents=True, exist_ok=True)
             for kind, tensors in states.items():
-                torch.save(tensors, directory / f"{split}_{kind}.pt")
+                with replacing(directory / f"{split}_{kind}.pt") as tmp:
+                    torch.save(tensors, tmp)
             if split == "train":
                 save_train_data(np.asarray(sequences), tokenizer, directory / "train_data")
     dist.barrier()

@@ -9,7 +9,6 @@ one wandb run across launches (its id in runs/{run}/wandb_id.txt).
 
 import dataclasses
 import json
-import os
 import secrets
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megapico.checkpoint.paths import open_append, write_text
 from megapico.config import MegapicoConfig
 from megapico.parallel import ParallelState
 from megapico.training.metrics import peak_memory_gib, peak_tflops_per_device
@@ -30,9 +30,7 @@ def keep_records_up_to(path: Path, step: int) -> None:
     if not path.is_file():
         return
     lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
+    write_text(path, "".join(line + "\n" for line in lines))
 
 
 class RunLogger:
@@ -58,7 +56,7 @@ class RunLogger:
 
             id_path = run_dir / WANDB_ID_FILE  # one wandb run per training run, resumed by every launch
             if not id_path.is_file():
-                id_path.write_text(secrets.token_hex(8))
+                write_text(id_path, secrets.token_hex(8))
             self.wandb = wandb.init(project=config.logging.wandb_project, entity=config.logging.wandb_entity or None,
                                     name=config.checkpointing.run_name, dir=str(run_dir),
                                     id=id_path.read_text().strip(), resume="allow", mode=config.logging.wandb_mode,
@@ -66,7 +64,7 @@ class RunLogger:
 
     def _append(self, records: list[dict]) -> None:
         if self.is_writer and records:
-            with open(self.metrics_path, "a") as handle:
+            with open_append(self.metrics_path) as handle:
                 handle.writelines(json.dumps(record) + "\n" for record in records)
 
     def start_clock(self) -> None:
@@ -117,7 +115,7 @@ class RunLogger:
         print(f"step {step} | eval {name} perplexity {perplexity:.3f}", flush=True)
         results = self.run_dir / "eval_results"
         results.mkdir(parents=True, exist_ok=True)
-        (results / f"step_{step}.json").write_text(json.dumps({name: perplexity}))
+        write_text(results / f"step_{step}.json", json.dumps({name: perplexity}))
         self._append([{"step": step, f"eval/{name}": perplexity}])
         if self.wandb is not None:
             self.wandb.log({f"eval/{name}": perplexity}, step=step)

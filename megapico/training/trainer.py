@@ -26,6 +26,7 @@ from megapico.checkpoint.reshard import (
 from megapico.checkpoint.training_state import (
     agreed_resume_point,
     checkpoint_root,
+    clear_step_directory,
     restore_rng,
     save_training_checkpoint,
 )
@@ -249,6 +250,7 @@ def pretrain(config: MegapicoConfig, after_checkpoint: Callable[[Path], list[str
     def save_checkpoint(step: int) -> None:
         """Learning dynamics first, then the engine: `latest` moves only once both are on disk. The train split
         is the batch the next step trains (none past the data's end); the val split is the same every time."""
+        clear_step_directory(config, step)
         if dynamics.enabled:
             splits = {"val": val_sequences}
             upcoming = next_global_batch(train_dataset, consumed, global_batch)
