@@ -14,6 +14,7 @@ from megapico.config.schema import (
     CheckpointingConfig,
     DataConfig,
     EvaluationConfig,
+    HfCheckpointConfig,
     LearningDynamicsConfig,
     LoggingConfig,
     MegapicoConfig,
@@ -24,6 +25,7 @@ from megapico.config.schema import (
 
 __all__ = [
     "ActivationCheckpointingConfig", "CheckpointingConfig", "ConfigError", "DataConfig", "EvaluationConfig",
-    "LearningDynamicsConfig", "LoggingConfig", "MODEL_PRESETS", "MegapicoConfig", "ModelConfig", "ParallelConfig",
-    "TrainingConfig", "config_to_yaml", "load_config", "save_config", "validate_config", "validate_model",
+    "HfCheckpointConfig", "LearningDynamicsConfig", "LoggingConfig", "MODEL_PRESETS", "MegapicoConfig", "ModelConfig",
+    "ParallelConfig", "TrainingConfig", "config_to_yaml", "load_config", "save_config", "validate_config",
+    "validate_model",
 ]

@@ -30,6 +30,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "checkpointing.verify": ("hash", "size"),
     "checkpointing.learning_dynamics.precision": ("auto", "fp32", "bf16-mixed", "bf16"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
+    "checkpointing.hf_checkpoint.training_state": ("every", "last", "never"),
 }
 
 
@@ -150,6 +151,10 @@ def validate_config(config: MegapicoConfig, world_size: int | None = None) -> No
         raise ConfigError(f"parallel.sequence_parallel splits micro_batch_size x seq_len = "
                           f"{train.micro_batch_size * config.data.seq_len} tokens over tensor_parallel_size={tp}; "
                           f"pick sizes whose product it divides")
+    hub = config.checkpointing.hf_checkpoint
+    if config.checkpointing.save_to_hf and not re.fullmatch(r"[A-Za-z0-9._-]+/[A-Za-z0-9._-]+", hub.repo_id):
+        raise ConfigError(f"checkpointing.save_to_hf needs checkpointing.hf_checkpoint.repo_id=ORG/NAME, got "
+                          f"'{hub.repo_id}'")
     if config.checkpointing.keep_last < 0:
         raise ConfigError(f"checkpointing.keep_last must be >= 0 (0 keeps every checkpoint), got "
                           f"{config.checkpointing.keep_last}")

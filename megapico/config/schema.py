@@ -106,6 +106,9 @@ class TrainingConfig:
     nan_policy: str = "stop"
     """stop (raise naming the step) | skip (drop the update and go on) on a NaN/inf loss."""
     activation_checkpointing: ActivationCheckpointingConfig = field(default_factory=ActivationCheckpointingConfig)
+    change_schedule_on_resume: bool = False
+    """Let a resume change max_steps or the LR schedule from the checkpoint's run (the schedule is re-stretched from
+    the resumed step on); without it such a change is refused with one line saying what would change."""
 
 
 @dataclass
@@ -144,6 +147,25 @@ class LearningDynamicsConfig:
 
 
 @dataclass
+class HfCheckpointConfig:
+    """Where checkpointing.save_to_hf publishes the run (pico-train's names)."""
+
+    repo_id: str = ""
+    """The Hub model repository, ORG/NAME; the run is published on the branch named after checkpointing.run_name."""
+    collection_slug: str = ""
+    """A Hub collection to add the repository to (empty: none)."""
+    training_state: str = "last"
+    """Which checkpoints also publish megapico's training state (DeepSpeed files, under megapico_state/, which a
+    download of the branch resumes from): every | last (only the newest; large's optimizer state is gigabytes per
+    checkpoint) | never."""
+    wait_at_end_s: float = 600.0
+    """At the end of training, how long to wait for pending uploads before exiting (the log says what is left;
+    tools/publish_run.py completes it later)."""
+    retries: int = 5
+    """Attempts per upload (exponential backoff between them) before a warning; the next checkpoint tries again."""
+
+
+@dataclass
 class CheckpointingConfig:
     run_name: str = "megapico-run"
     runs_dir: str = "runs"
@@ -158,6 +180,10 @@ class CheckpointingConfig:
     """How checkpoints are checked against their manifest before loading: hash (sizes + sha256) | size (sizes only,
     for very large runs)."""
     learning_dynamics: LearningDynamicsConfig = field(default_factory=LearningDynamicsConfig)
+    save_to_hf: bool = False
+    """Publish every checkpoint to the Hugging Face Hub as pico-train does (hf_checkpoint), from one rank in the
+    background: a slow or failing Hub never stalls or stops training."""
+    hf_checkpoint: HfCheckpointConfig = field(default_factory=HfCheckpointConfig)
 
 
 @dataclass
