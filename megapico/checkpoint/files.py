@@ -68,13 +68,14 @@ def refusal(path: Path, name: str) -> str:
 
 def unexpected_global(path: str | Path) -> str | None:
     """The one-line refusal if the file's pickle names a global outside its kind's allowlist, found by reading the
-    pickle's opcodes without running any of them (None when it names none)."""
+    pickle's opcodes without running any of them. None when it names none, or when it is not a torch.save file at
+    all (whoever opens it then reports it unreadable: read_checkpoint_file does)."""
     path = Path(path)
     with torch.serialization.safe_globals(allowed_globals()[file_kind(path)]):
         try:
             found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        except Exception as err:  # not a zip of torch.save: read_checkpoint_file names it
-            return f"{path}: unreadable ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+        except Exception:  # not a zip of torch.save
+            return None
     return refusal(path, sorted(found)[0]) if found else None
 
 
