@@ -11,6 +11,7 @@ import os
 import sys
 
 from megapico.checkpoint.paths import CheckpointError
+from megapico.checkpoint.run_lock import RunLockedError
 from megapico.checkpoint.training_state import CheckpointIntegrityError
 from megapico.config import ConfigError, load_config
 from megapico.data.blended_dataset import UnsafeCacheError
@@ -24,6 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides, applied after the YAML")
     args = parser.parse_args(argv)
+    if args.config is None and not args.overrides:
+        print("error: no config given; pass --config FILE.yaml (e.g. examples/cpu_demo.yaml) and/or section.key=value "
+              "overrides", file=sys.stderr)
+        return 1
     try:
         config = load_config(args.config, args.overrides)
         from megapico.convert.retention import retention_hook
@@ -31,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
         pretrain(config, after_checkpoint=retention_hook(config))
     except (ConfigError, DataError, LaunchError, CheckpointError, CheckpointIntegrityError, UnsafeCacheError,
-            FileNotFoundError) as err:
+            RunLockedError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     finally:  # shut the process group down here, not in interpreter teardown while peers may already be gone

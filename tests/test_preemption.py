@@ -246,3 +246,32 @@ def test_reader_is_gone_only_for_a_closed_pipe(tmp_path):
         os.close(read_end)
         assert reader_is_gone(write_end) and not reader_is_gone(regular.fileno())
     os.close(write_end)
+
+
+def test_ctrl_c_with_the_shipped_defaults_keeps_the_step_and_resumes_exactly(sample_prefix, tmp_path):
+    """Ctrl-C (SIGINT to the launcher's whole process group) under the deepspeed launcher with what the demo ships:
+    wandb offline and learning dynamics on. DeepSpeed's per-node launcher terminates each rank's process tree;
+    wandb's service lives outside it, so rank 0 is not taken down in wandb.log. The step is saved (training state
+    first, no capture in the way), the same command resumes, captures the learning dynamics the stop left out, and
+    trains the same losses as an uninterrupted run."""
+    shipped = {"training.max_steps": 8, "training.micro_batch_size": 2, "logging.wandb_mode": "offline",
+               "checkpointing.learning_dynamics.enabled": True, "checkpointing.learning_dynamics.batch_size": 4}
+    settings = overrides(sample_prefix, tmp_path, **shipped)
+    output, _ = _run_and_stop(_deepspeed_runner(36500), settings, tmp_path,
+                              lambda launcher: os.killpg(launcher.pid, signal.SIGINT), at_step=3)
+    step, why = _saved_step(output, tmp_path)
+    assert why in ("SIGINT received", "SIGTERM received") and 3 <= step < 8, output[-3000:]
+    # (the deepspeed runner itself prints a KeyboardInterrupt traceback: that is the launcher, not a rank)
+    assert "ConnectionResetError" not in output and "Connection closed by peer" not in output, output[-3000:]
+    checkpoints = tmp_path.joinpath(*RUN, "checkpoints")
+    assert not any(name.startswith("learning_dynamics/") for name in read_manifest(checkpoints / f"step_{step}")[
+        "files"])
+    again = subprocess.run([*_deepspeed_runner(37500), str(REPO / "pretrain.py"), *settings], cwd=REPO,
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"step {step}: capturing the learning dynamics the stop left out" in again.stdout
+    assert (checkpoints / f"step_{step}" / "learning_dynamics" / "train_activations.pt").is_file()
+    assert any(name.startswith("learning_dynamics/") for name in read_manifest(checkpoints / f"step_{step}")["files"])
+    whole = overrides(sample_prefix, tmp_path / "whole", **{**shipped, "logging.wandb_mode": "disabled"})
+    train(2, whole, tmp_path)
+    assert _losses(tmp_path.joinpath(*RUN)) == _losses((tmp_path / "whole").joinpath(*RUN))

@@ -139,7 +139,7 @@ def test_bf16_run_checkpoints_and_converts(sample_prefix, tmp_path, reference):
     assert to_hf_main(["--checkpoint", str(checkpoints / "latest"), "--output", str(tmp_path / "hf")]) == 0
     resumed = train(2, overrides(sample_prefix, tmp_path, **{
         "training.precision": "bf16", "training.max_steps": 3, "training.lr_warmup_steps": 0,
-        "parallel.tensor_parallel_size": 2}), tmp_path)
+        "training.change_schedule_on_resume": True, "parallel.tensor_parallel_size": 2}), tmp_path)
     assert resumed["resumed_from"] == 2 and math.isfinite(resumed["losses"][3])
 
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from megapico.checkpoint.files import REFUSED, read_checkpoint_file
 from megapico.checkpoint.manifest import is_pruned, read_manifest, verify_checkpoint, write_manifest
 from megapico.checkpoint.paths import checkpoint_tag, replacing, write_text
-from megapico.config import MegapicoConfig, save_config
+from megapico.config import ConfigError, MegapicoConfig, load_config, save_config
 from megapico.parallel import ParallelState, agree_across_ranks
 
 STATE_FILE = "megapico_state.json"
@@ -106,6 +106,19 @@ def save_training_checkpoint(engine, config: MegapicoConfig, parallel: ParallelS
     return directory
 
 
+def has_learning_dynamics(directory: Path) -> bool:
+    """Whether the checkpoint's manifest lists learning dynamics (files written after it, by a launch stopped or
+    killed while capturing them, do not count)."""
+    manifest = read_manifest(directory)
+    return manifest is not None and any(name.startswith("learning_dynamics/") for name in manifest["files"])
+
+
+def unfinished_checkpoints(config: MegapicoConfig) -> list[Path]:
+    """Step directories whose save never finished (no manifest): never resumed from, named so nobody wonders."""
+    return sorted((path for path in checkpoint_root(config).glob("step_*") if path.is_dir() and
+                   read_manifest(path) is None), key=lambda path: step_of(path.name))
+
+
 def step_of(tag: str) -> int:
     """N of a `step_N` checkpoint tag or directory name (-1 for any other name), for ordering checkpoints."""
     return int(tag.removeprefix("step_")) if tag.removeprefix("step_").isdigit() else -1
@@ -170,6 +183,55 @@ def agreed_resume_point(config: MegapicoConfig) -> ResumePoint | None:
         raise CheckpointIntegrityError(f"no checkpoint in {root} verifies (newest: {rejected[0]}); move the damaged "
                                        f"ones away or set checkpointing.resume=false to start over")
     return None
+
+
+SCHEDULE_KEYS = ("max_steps", "lr", "min_lr", "lr_warmup_steps", "lr_decay_style")
+
+
+def saved_run_config(config: MegapicoConfig, point: ResumePoint) -> MegapicoConfig:
+    """The config a checkpoint was saved with (read as received data: no interpolation)."""
+    return load_config(checkpoint_root(config) / point.tag / "config.yaml", received=True)
+
+
+def continue_the_saved_run(config: MegapicoConfig, point: ResumePoint, dp_size: int) -> list[str]:
+    """Make `config` continue the run the checkpoint is of, before anything is built: the same model (else a
+    ConfigError), the same global batch at this layout (gradient accumulation derived as global batch / (micro
+    batch x DP), or a ConfigError saying how to keep it; an explicit training.global_batch_size changes it), and
+    the same LR schedule unless training.change_schedule_on_resume. Returns the lines to print."""
+    saved = saved_run_config(config, point)
+    where = checkpoint_root(config) / point.tag
+    for name, value in vars(saved.model).items():
+        if getattr(config.model, name) != value:
+            raise ConfigError(f"model.{name}={getattr(config.model, name)} but {where} was trained with {value}; "
+                              f"resume with the checkpoint's model, or start another run (checkpointing.run_name)")
+    train, lines = config.training, []
+    run_batch = saved.training.micro_batch_size * saved.training.gradient_accumulation_steps * point.data_parallel_size
+    if train.global_batch_size not in (0, run_batch):
+        lines.append(f"global batch {run_batch} -> {train.global_batch_size} (training.global_batch_size set)")
+        run_batch = train.global_batch_size
+    per_step = train.micro_batch_size * dp_size
+    if run_batch % per_step:
+        fix = (f"set training.micro_batch_size to a divisor of {run_batch // dp_size}" if run_batch % dp_size == 0
+               else f"use a DP size that divides {run_batch}")
+        raise ConfigError(f"cannot keep the run's global batch of {run_batch} at DP={dp_size} with "
+                          f"training.micro_batch_size={train.micro_batch_size} ({run_batch} is not a multiple of "
+                          f"{per_step}); {fix}, or set training.global_batch_size to change it on purpose")
+    accumulation = run_batch // per_step
+    if accumulation != train.gradient_accumulation_steps:
+        lines.append(f"keeping the run's global batch of {run_batch}: training.gradient_accumulation_steps "
+                     f"{train.gradient_accumulation_steps} -> {accumulation} (micro batch {train.micro_batch_size} x "
+                     f"DP {dp_size})")
+        train.gradient_accumulation_steps = accumulation
+    train.global_batch_size = run_batch
+    changed = [f"training.{key} {getattr(saved.training, key)} -> {getattr(train, key)}" for key in SCHEDULE_KEYS
+               if getattr(saved.training, key) != getattr(train, key)]
+    if changed and not train.change_schedule_on_resume:
+        raise ConfigError(f"{'; '.join(changed)} on resume would re-stretch the LR schedule from step {point.step} "
+                          f"on; set training.change_schedule_on_resume=true to do it on purpose, or resume with "
+                          f"the run's values")
+    if changed:
+        lines.append(f"changing the schedule on resume: {'; '.join(changed)}")
+    return lines
 
 
 def restore_rng(config: MegapicoConfig, point: ResumePoint) -> None:

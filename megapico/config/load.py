@@ -4,6 +4,7 @@ Order of precedence: schema defaults < model_preset < YAML file < command-line `
 Unknown keys and wrong types are errors (never silently dropped); cross-field facts are checked once here.
 """
 
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +12,6 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from megapico.checkpoint.paths import write_text
 from megapico.config.presets import MODEL_PRESETS
 from megapico.config.schema import MegapicoConfig, ModelConfig, ParallelConfig
 
@@ -60,6 +60,17 @@ def _interpolation(value: object, key: str = "") -> str | None:
     return None
 
 
+def _as_list_if_listed(item: str) -> str:
+    """`data.train_data_path=../x` for a list key means the one-element list [../x] (Megatron's --data-path takes
+    bare paths); a value already in brackets is left as it is."""
+    key, value = item.split("=", 1)
+    try:
+        listed = OmegaConf.is_list(OmegaConf.select(OmegaConf.structured(MegapicoConfig), key.strip()))
+    except OmegaConfBaseException:
+        return item
+    return f"{key}=[{value}]" if listed and not value.strip().startswith("[") else item
+
+
 def load_config(yaml_path: str | Path | None = None, overrides: Sequence[str] = (),
                 received: bool = False) -> MegapicoConfig:
     """Build the run's config from an optional YAML file and `section.key=value` overrides. received=True: the
@@ -83,7 +94,7 @@ def load_config(yaml_path: str | Path | None = None, overrides: Sequence[str] = 
     bad = [item for item in overrides if "=" not in item or item.startswith("=")]
     if bad:
         raise ConfigError(f"command line: override '{bad[0]}' is not of the form section.key=value")
-    cli_cfg = OmegaConf.from_dotlist(list(overrides))
+    cli_cfg = OmegaConf.from_dotlist([_as_list_if_listed(item) for item in overrides])
 
     preset = OmegaConf.select(cli_cfg, "model_preset") or OmegaConf.select(yaml_cfg, "model_preset")
     if preset:
@@ -179,7 +190,15 @@ def config_to_yaml(config: MegapicoConfig) -> str:
 
 
 def save_config(config: MegapicoConfig, path: str | Path) -> None:
-    """Write the config under a temporary name and rename it (never through a link at `path`)."""
-    write_text(Path(path), config_to_yaml(config))
+    """Write the config under a temporary name and rename it: a link at `path` (a received run directory) is
+    replaced, never written through. (megapico.checkpoint.paths does the same for the run's other files; config
+    sits below it in the package order.)"""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(config_to_yaml(config))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 

@@ -5,11 +5,20 @@ Step losses stay on the device until a log line, an eval or a checkpoint reads t
 wandb metric names follow pico-train: train/loss, trainer/learning_rate, eval/<eval name>; the same records go
 to runs/{run}/metrics.jsonl (one JSON object per step and per eval; tools/plot_run.py draws them). A run keeps
 one wandb run across launches (its id in runs/{run}/wandb_id.txt).
+
+wandb never takes training down. Its service process (wandb-core) is started detached, outside the training
+process tree (`wandb beta core start`): DeepSpeed's per-node launcher answers Ctrl-C by terminating each rank's
+whole process tree, which used to kill the service first and rank 0 with it, in wandb.log, before it could save.
+Any wandb failure (at start, in a log, at finish) is one warning, and the run goes on without wandb; metrics.jsonl
+holds every record regardless.
 """
 
 import dataclasses
 import json
+import os
 import secrets
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -52,15 +61,42 @@ class RunLogger:
             keep_records_up_to(self.metrics_path, start_step)
         self.wandb = None
         if self.is_writer and config.logging.wandb_mode != "disabled":
-            import wandb
+            self._wandb_call("start", self._start_wandb)
 
-            id_path = run_dir / WANDB_ID_FILE  # one wandb run per training run, resumed by every launch
-            if not id_path.is_file():
-                write_text(id_path, secrets.token_hex(8))
-            self.wandb = wandb.init(project=config.logging.wandb_project, entity=config.logging.wandb_entity or None,
-                                    name=config.checkpointing.run_name, dir=str(run_dir),
-                                    id=id_path.read_text().strip(), resume="allow", mode=config.logging.wandb_mode,
-                                    config=dataclasses.asdict(config))
+    def _start_wandb(self) -> None:
+        import wandb
+
+        if not os.environ.get("WANDB_SERVICE"):
+            started = subprocess.run([str(Path(sys.executable).with_name("wandb")), "beta", "core", "start",
+                                      "--idle-timeout", "10m"], capture_output=True, text=True, timeout=120)
+            if started.returncode == 0 and started.stdout.strip():
+                os.environ["WANDB_SERVICE"] = started.stdout.strip().splitlines()[-1]
+            else:  # wandb.init then starts its own service, inside the process tree
+                self.warn(f"wandb: could not start a detached service ({started.stderr.strip()[-200:]}); a Ctrl-C "
+                          f"may end wandb before the run saves (the run itself is not affected)")
+        config = self.config
+        id_path = self.run_dir / WANDB_ID_FILE  # one wandb run per training run, resumed by every launch
+        if not id_path.is_file():
+            write_text(id_path, secrets.token_hex(8))
+        self.wandb = wandb.init(project=config.logging.wandb_project, entity=config.logging.wandb_entity or None,
+                                name=config.checkpointing.run_name, dir=str(self.run_dir),
+                                id=id_path.read_text().strip(), resume="allow", mode=config.logging.wandb_mode,
+                                config=dataclasses.asdict(config))
+
+    def _wandb_call(self, what: str, call) -> None:  # noqa: ANN001
+        """Run a wandb call; on any failure warn once and go on without wandb."""
+        try:
+            call()
+        except Exception as err:  # wandb's service gone, a network error, a full disk: none may stop training
+            self.wandb = None
+            reason = str(err).splitlines()[0][:160] if str(err) else ""
+            self.warn(f"wandb failed in {what} ({type(err).__name__}: {reason}); continuing without wandb, "
+                      f"metrics.jsonl has every record")
+
+    def record_launch(self, step: int, resumed: bool, layout: str, global_batch: int) -> None:
+        """Mark where each launch starts in metrics.jsonl (tools/plot_run.py draws resumes and layout changes)."""
+        self._append([{"step": step, "event": "resume" if resumed else "start", "layout": layout,
+                       "global_batch": global_batch}])
 
     def _append(self, records: list[dict]) -> None:
         if self.is_writer and records:
@@ -96,7 +132,8 @@ class RunLogger:
                                 step_seconds})
             rows.append({"step": record_step, **metrics})
             if self.wandb is not None:
-                self.wandb.log(metrics, step=record_step)
+                self._wandb_call("log", lambda metrics=metrics, record_step=record_step: self.wandb.log(
+                    metrics, step=record_step))
         self._append(rows)
         if printing and self.is_writer and self.clock_steps:
             _, loss, lr, _ = records[-1]
@@ -118,7 +155,7 @@ class RunLogger:
         write_text(results / f"step_{step}.json", json.dumps({name: perplexity}))
         self._append([{"step": step, f"eval/{name}": perplexity}])
         if self.wandb is not None:
-            self.wandb.log({f"eval/{name}": perplexity}, step=step)
+            self._wandb_call("log", lambda: self.wandb.log({f"eval/{name}": perplexity}, step=step))
 
     def warn(self, message: str) -> None:
         if self.is_writer:
@@ -126,4 +163,4 @@ class RunLogger:
 
     def finish(self) -> None:
         if self.wandb is not None:
-            self.wandb.finish()
+            self._wandb_call("finish", self.wandb.finish)

@@ -4,6 +4,7 @@ Parallel layout: TP ranks split every layer (megapico.parallel); DeepSpeed ZeRO-
 fp32 master weights + Adam state over the data-parallel group only (it learns the groups from `mpu`).
 """
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,19 +17,24 @@ from deepspeed.runtime import torch_autocast as deepspeed_autocast
 from torch.utils.data import DataLoader
 
 from megapico.checkpoint.files import use_data_only_loads
-from megapico.checkpoint.manifest import disk_bytes
+from megapico.checkpoint.manifest import disk_bytes, write_manifest
 from megapico.checkpoint.reshard import (
     gather_master_weights,
     load_full_state_into_engine,
     read_full_state,
     write_local_state_into_engine,
 )
+from megapico.checkpoint.run_lock import RunLock, RunLockedError
 from megapico.checkpoint.training_state import (
+    ResumePoint,
     agreed_resume_point,
     checkpoint_root,
     clear_step_directory,
+    continue_the_saved_run,
+    has_learning_dynamics,
     restore_rng,
     save_training_checkpoint,
+    unfinished_checkpoints,
 )
 from megapico.config import (
     ConfigError,
@@ -41,6 +47,7 @@ from megapico.config import (
 from megapico.data.builders import build_dataset, build_train_dataset, parse_blend
 from megapico.data.indexed_dataset import DataError, IndexedDataset
 from megapico.data.pretokenized_dataset import TextDocuments
+from megapico.data.provenance import check_tokenizer_for_data
 from megapico.data.sampler import PretrainingSampler, collate_samples
 from megapico.data.tokenizer import load_tokenizer
 from megapico.model import PicoDecoder
@@ -77,16 +84,14 @@ class TrainResult:
 
 
 def check_data_fits_model(config: MegapicoConfig) -> None:
-    """Before any compute: the tokenizer and the token ids in the data must fit the model's vocabulary."""
+    """Before any compute: the tokenizer's ids and the data's must fit the model's vocabulary, and the tokenizer
+    must be the one the data was built with (the fingerprint preprocessing records beside it)."""
     vocab = config.model.vocab_size
-    if config.data.tokenizer:
-        tokenizer = load_tokenizer(config.data.tokenizer)
-        if tokenizer.vocab_size > vocab:
-            raise ConfigError(f"{config.data.tokenizer}: tokenizer has {tokenizer.vocab_size} tokens but "
-                              f"model.vocab_size is {vocab}")
-    for _, prefix in parse_blend(config.data.train_data_path) + (
-            parse_blend(config.data.eval_data_path) if config.data.eval_data_path else []):
-        largest = IndexedDataset(prefix).max_token_id()  # the first 16M tokens: cheap, and catches a wrong tokenizer
+    prefixes = [prefix for _, prefix in parse_blend(config.data.train_data_path) + (
+        parse_blend(config.data.eval_data_path) if config.data.eval_data_path else [])]
+    check_tokenizer_for_data(prefixes, config.data.tokenizer or None, vocab)
+    for prefix in prefixes:  # data without the record (Megatron's, older megapico's): the first 16M tokens
+        largest = IndexedDataset(prefix).max_token_id()
         if largest >= vocab:
             raise DataError(f"{prefix}.bin: token id {largest} >= model.vocab_size {vocab} (was it tokenized with "
                             f"another tokenizer?)")
@@ -138,8 +143,8 @@ def set_schedule_position(engine, scheduler, step: int, consumed_samples: int,  
         group["lr"] = lr_at(step, train)
 
 
-def _resume(engine, scheduler, config: MegapicoConfig, parallel: ParallelState):  # noqa: ANN001, ANN202
-    point = agreed_resume_point(config)
+def _resume(engine, scheduler, config: MegapicoConfig, parallel: ParallelState,  # noqa: ANN001
+            point: ResumePoint | None) -> ResumePoint | None:
     if point is None:
         return None
     root = checkpoint_root(config)
@@ -155,8 +160,10 @@ def _resume(engine, scheduler, config: MegapicoConfig, parallel: ParallelState):
             print(f"warning: checkpoint {rejected}; falling back to an earlier one", flush=True)
         before = f"TP={point.tensor_parallel_size} x DP={point.data_parallel_size}"
         after = f"TP={parallel.tp_size} x DP={parallel.dp_size}"
+        batch = config.training.global_batch_size
         print(f"resumed from {root / point.tag}: step {point.step}, {point.consumed_samples} consumed samples, layout "
-              f"{before} -> {after} ({'same layout' if before == after else 're-sharded'}), verified "
+              f"{before} -> {after} ({'same layout' if before == after else 're-sharded'}), global batch {batch}, "
+              f"verified "
               f"({'sizes + sha256' if config.checkpointing.verify == 'hash' else 'sizes'} of {point.verified_files} "
               f"files)", flush=True)
     return point
@@ -198,17 +205,61 @@ def learning_dynamics_val_set(config: MegapicoConfig, eval_dataset) -> list:  # 
     return first_sequences(documents, len(documents))
 
 
+def _hold_run_directory(run_dir: Path) -> RunLock | None:
+    """Rank 0 takes the run directory's lock; every rank raises the same RunLockedError when a live run holds it."""
+    lock, outcome = None, [None]
+    if dist.get_rank() == 0:
+        lock = RunLock(run_dir)
+        try:
+            taken_over = lock.acquire()
+            if taken_over:
+                print(f"warning: {taken_over}", flush=True)
+        except RunLockedError as err:
+            outcome = [str(err)]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    if outcome[0] is not None:
+        raise RunLockedError(outcome[0])
+    return lock
+
+
 def pretrain(config: MegapicoConfig, after_checkpoint: Callable[[Path], list[str]] | None = None) -> TrainResult:
     """Train per `config`. after_checkpoint(checkpoints_root) runs on rank 0 after each checkpoint is complete (the
-    retention of checkpointing.keep_last, wired by pretrain.py) and returns lines to print."""
+    retention of checkpointing.keep_last, wired by pretrain.py) and returns lines to print. The run directory is
+    held for the run's lifetime (megapico/checkpoint/run_lock.py); one this launch created is removed again if the
+    start fails before the first step."""
     init_distributed()
-    world = dist.get_world_size()
-    validate_config(config, world_size=world)
+    validate_config(config, world_size=dist.get_world_size())
     parallel = ParallelState.build(config.parallel.tensor_parallel_size)
-    train, data = config.training, config.data
     run_dir = Path(config.checkpointing.runs_dir) / config.checkpointing.run_name
+    created = not run_dir.exists()
+    lock = _hold_run_directory(run_dir)
+    progress = {"started": False}
+    try:
+        return _pretrain(config, parallel, run_dir, lock, progress, after_checkpoint)
+    except BaseException:
+        if dist.get_rank() == 0 and created and not progress["started"]:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            lock = None
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _pretrain(config: MegapicoConfig, parallel: ParallelState, run_dir: Path, lock: RunLock | None,
+              progress: dict, after_checkpoint: Callable[[Path], list[str]] | None) -> TrainResult:
+    train, data = config.training, config.data
+    for unfinished in unfinished_checkpoints(config) if dist.get_rank() == 0 else []:
+        print(f"warning: {unfinished}: a half-written checkpoint (no manifest.json: its save did not finish); it "
+              f"is not resumed from, and is replaced when its step is saved again", flush=True)
+    point = agreed_resume_point(config)
+    if point is not None:
+        lines = continue_the_saved_run(config, point, parallel.dp_size)
+        validate_config(config, world_size=dist.get_world_size())
+        for line in lines if dist.get_rank() == 0 else []:
+            print(f"resume: {line}", flush=True)
     if dist.get_rank() == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
         print(config_to_yaml(config), flush=True)
         save_config(config, run_dir / "config.yaml")
     check_data_fits_model(config)
@@ -222,7 +273,7 @@ def pretrain(config: MegapicoConfig, after_checkpoint: Callable[[Path], list[str
     eval_dataset = build_eval_dataset(config, parallel)
 
     engine, scheduler = build_engine(config, parallel)
-    resumed = _resume(engine, scheduler, config, parallel)
+    resumed = _resume(engine, scheduler, config, parallel, point)
     start_step, consumed = (resumed.step, resumed.consumed_samples) if resumed else (0, 0)
     result = TrainResult(run_dir=run_dir, resumed_from=resumed.step if resumed else None)
     sampler = PretrainingSampler(len(train_dataset), consumed, train.micro_batch_size, parallel.dp_rank,
@@ -231,6 +282,8 @@ def pretrain(config: MegapicoConfig, after_checkpoint: Callable[[Path], list[str
                               pin_memory=torch.cuda.is_available()))
     logger = RunLogger(config, run_dir, parallel, flops_per_token(config.model, data.seq_len) * global_batch *
                        data.seq_len, start_step)
+    logger.record_launch(start_step, resumed is not None, f"TP={parallel.tp_size} x DP={parallel.dp_size}",
+                         global_batch)
 
     dynamics = config.checkpointing.learning_dynamics
     val_sequences = learning_dynamics_val_set(config, eval_dataset) if dynamics.enabled else []
@@ -247,19 +300,25 @@ def pretrain(config: MegapicoConfig, after_checkpoint: Callable[[Path], list[str
         same autocast itself (DeepSpeed's torch_autocast, see deepspeed_config.torch_autocast_section)."""
         return torch.autocast(engine.device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
-    def save_checkpoint(step: int) -> None:
-        """Learning dynamics first, then the engine: `latest` moves only once both are on disk. The train split
-        is the batch the next step trains (none past the data's end); the val split is the same every time."""
+    def capture_dynamics(step: int) -> None:
+        """pico's learning dynamics of `step`: the train split is the batch the next step trains (none past the
+        data's end); the val split is the same every time."""
+        splits = {"val": val_sequences}
+        upcoming = next_global_batch(train_dataset, consumed, global_batch)
+        if upcoming is not None:
+            splits = {"train": upcoming, **splits}
+        save_learning_dynamics(engine.module, fp32_weights(engine), splits,
+                               checkpoint_root(config) / f"step_{step}" / "learning_dynamics",
+                               dynamics.micro_batch_size, parallel.dp_group, engine.device, tokenizer,
+                               probe_precision(dynamics.precision, precision))
+
+    def save_checkpoint(step: int, stopping: bool = False) -> None:
+        """Learning dynamics first, then the engine: `latest` moves only once both are on disk. When stopping (a
+        signal, a launcher gone) the training state is written alone, within the launcher's grace period; the
+        resume captures that step's learning dynamics (same weights, same next batch: the same numbers)."""
         clear_step_directory(config, step)
-        if dynamics.enabled:
-            splits = {"val": val_sequences}
-            upcoming = next_global_batch(train_dataset, consumed, global_batch)
-            if upcoming is not None:
-                splits = {"train": upcoming, **splits}
-            save_learning_dynamics(engine.module, fp32_weights(engine), splits,
-                                   checkpoint_root(config) / f"step_{step}" / "learning_dynamics",
-                                   dynamics.micro_batch_size, parallel.dp_group, engine.device, tokenizer,
-                                   probe_precision(dynamics.precision, precision))
+        if dynamics.enabled and not stopping:
+            capture_dynamics(step)
         directory = save_training_checkpoint(engine, config, parallel, step, consumed)
         if dist.get_rank() == 0:
             print(f"checkpoint {directory}: {disk_bytes(directory) / 2**20:,.1f} MiB", flush=True)
@@ -282,6 +341,12 @@ def pretrain(config: MegapicoConfig, after_checkpoint: Callable[[Path], list[str
     engine.train()
     if resumed is None and dynamics.enabled:
         save_checkpoint(0)  # pico keeps the initial model and its learning dynamics as step_0
+    elif resumed is not None and dynamics.enabled and not has_learning_dynamics(checkpoint_root(config) / resumed.tag):
+        # the launch before stopped at this step without them (or was killed while writing them)
+        logger.warn(f"step {start_step}: capturing the learning dynamics the stop left out")
+        capture_dynamics(start_step)
+        write_manifest(checkpoint_root(config) / resumed.tag, parallel.tp_size)
+    progress["started"] = True
     logger.start_clock()
     first_step_started = time.perf_counter()
     for step in range(start_step + 1, train.max_steps + 1):
@@ -304,6 +369,8 @@ def pretrain(config: MegapicoConfig, after_checkpoint: Callable[[Path], list[str
         is_last = step == train.max_steps
         evaluating = (config.evaluation.interval and step % config.evaluation.interval == 0) or is_last
         stop_reason = stop.agreed()
+        if lock is not None:
+            lock.beat()
         exiting = bool(train.exit_interval) and step % train.exit_interval == 0
         saving = step % config.checkpointing.save_interval == 0 or is_last or exiting or stop_reason is not None
         printing = step % config.logging.log_interval == 0 or is_last or step == start_step + 1
@@ -312,10 +379,12 @@ def pretrain(config: MegapicoConfig, after_checkpoint: Callable[[Path], list[str
         if step == start_step + 1 and train.compile and dist.get_rank() == 0:
             print(f"torch.compile: the first step took {time.perf_counter() - first_step_started:.1f} s "
                   f"(the decoder blocks compile once, here)", flush=True)
+        if stop_reason is not None:  # the training state first; evaluation and learning dynamics can wait
+            evaluating = False
         if evaluating:
             run_eval(step)
         if saving:
-            save_checkpoint(step)
+            save_checkpoint(step, stopping=stop_reason is not None)
         if evaluating or saving:
             logger.start_clock()  # tokens/s counts training steps only
         if stop_reason is not None and not is_last:

@@ -1,0 +1,122 @@
+"""A new user's first hour: a resume is the same run at any layout, one run per run directory, and each mistake is
+one line before any work (another model, another schedule, a failed start, no config, a bare path for a list)."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO
+from conftest import training_overrides as overrides
+from distributed import train
+
+from megapico.checkpoint.run_lock import LOCK_FILE
+from megapico.config import load_config
+
+RUN = ("runs", "megapico-run")
+
+
+def consumed_at(tmp_path, step):
+    state = tmp_path.joinpath(*RUN, "checkpoints", f"step_{step}", "megapico_state.json")
+    return json.loads(state.read_text())["consumed_samples"]
+
+
+def test_a_resume_at_another_layout_keeps_the_global_batch_and_is_the_same_run(sample_prefix, tmp_path, capfd):
+    """DP=2 x micro 2 x accumulation 2 (global 8) stopped at step 2, resumed at DP=1 with the same YAML values:
+    accumulation becomes 4, and the losses are an uninterrupted DP=2 run's."""
+    settings = {"training.micro_batch_size": 2, "training.gradient_accumulation_steps": 2, "training.max_steps": 4}
+    first = train(2, overrides(sample_prefix, tmp_path, **settings, **{"training.exit_interval": 2}), tmp_path)
+    resumed = train(1, overrides(sample_prefix, tmp_path, **settings), tmp_path)
+    out = capfd.readouterr().out
+    assert ("resume: keeping the run's global batch of 8: training.gradient_accumulation_steps 2 -> 4 (micro batch "
+            "2 x DP 1)") in out
+    assert consumed_at(tmp_path, 2) == 16 and consumed_at(tmp_path, 4) == 32
+    whole = train(2, overrides(sample_prefix, tmp_path / "whole", **settings), tmp_path)
+    both = {**first["losses"], **resumed["losses"]}
+    assert both.keys() == whole["losses"].keys() and all(abs(both[s] - whole["losses"][s]) < 1e-5 for s in both)
+
+    # a micro batch that cannot make the run's global batch: one line saying how; training.global_batch_size
+    # changes it on purpose
+    with pytest.raises(Exception, match=r"cannot keep the run's global batch of 8 at DP=1 with "
+                                        r"training.micro_batch_size=3 \(8 is not a multiple of 3\); set "
+                                        r"training.micro_batch_size to a divisor of 8"):
+        train(1, overrides(sample_prefix, tmp_path, **{**settings, "training.micro_batch_size": 3,
+                                                       "training.max_steps": 4}), tmp_path)
+
+
+@pytest.fixture(scope="module")
+def saved_run(sample_prefix, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("saved")
+    train(1, overrides(sample_prefix, tmp, **{"training.max_steps": 2}), tmp)
+    return tmp
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model.n_layers": 3}, r"model.n_layers=3 but .*step_2 was trained with 2; resume with the checkpoint's model"),
+    ({"training.max_steps": 4}, r"training.max_steps 2 -> 4 on resume would re-stretch the LR schedule from step 2 "
+                                r"on; set training.change_schedule_on_resume=true"),
+    ({"training.lr": 1e-3}, r"training.lr 0.003 -> 0.001 on resume"),
+])
+def test_resuming_another_model_or_schedule_is_one_line(sample_prefix, saved_run, change, message):
+    with pytest.raises(Exception, match=message):
+        train(1, overrides(sample_prefix, saved_run, **{"training.max_steps": 2, **change}), saved_run)
+
+
+def run_pretrain(*arguments, timeout=300):
+    return subprocess.run([sys.executable, str(REPO / "pretrain.py"), *arguments], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_a_live_run_holds_its_directory_and_a_gone_one_is_taken_over(sample_prefix, saved_run, tmp_path):
+    run_dir = saved_run.joinpath(*RUN)
+    lock = run_dir / LOCK_FILE
+    settings = overrides(sample_prefix, saved_run, **{"training.max_steps": 2})
+    before = sorted(str(p) for p in run_dir.rglob("*"))
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        import psutil
+
+        lock.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "since": "2026-12-05T00:00:00",
+                                    "process_started": psutil.Process(holder.pid).create_time(),
+                                    "heartbeat": time.time()}))
+        before = sorted(str(p) for p in run_dir.rglob("*"))
+        out = run_pretrain(*settings)
+        assert out.returncode == 1 and out.stderr.strip().splitlines()[-1] == (
+            f"error: {run_dir}: held by a live run (host {socket.gethostname()}, pid {holder.pid}, since "
+            f"2026-12-05T00:00:00); stop it first, or choose another checkpointing.run_name")
+        assert sorted(str(p) for p in run_dir.rglob("*")) == before  # nothing changed
+    finally:
+        holder.kill()
+        holder.wait()
+    out = run_pretrain(*settings)  # its process is gone: taken over
+    assert out.returncode == 0 and f"warning: {lock}: taking over from host {socket.gethostname()}, pid " \
+                                   f"{holder.pid}" in out.stdout and f"its process {holder.pid} is gone" in out.stdout
+    assert not lock.exists()  # released at the end
+    lock.write_text(json.dumps({"host": "another-node", "pid": 1, "since": "x", "heartbeat": time.time() - 3600}))
+    out = run_pretrain(*settings)  # another host's run whose heartbeat stopped an hour ago
+    assert out.returncode == 0 and "its heartbeat is 60 min old" in out.stdout
+
+
+def test_start_mistakes_are_one_line_and_leave_nothing(sample_prefix, saved_run, tmp_path):
+    out = run_pretrain()
+    assert out.returncode == 1 and out.stderr.strip() == (
+        "error: no config given; pass --config FILE.yaml (e.g. examples/cpu_demo.yaml) and/or section.key=value "
+        "overrides")
+    out = run_pretrain(*overrides(str(tmp_path / "missing"), tmp_path))
+    assert out.returncode == 1 and out.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert not tmp_path.joinpath(*RUN).exists()  # the failed start left no run directory
+
+    checkpoints = saved_run.joinpath(*RUN, "checkpoints")
+    (checkpoints / "step_9").mkdir()
+    (checkpoints / "step_9" / "mp_rank_00_model_states.pt").write_bytes(b"half")
+    out = run_pretrain(*overrides(sample_prefix, saved_run, **{"training.max_steps": 2}))
+    assert out.returncode == 0 and (f"warning: {checkpoints / 'step_9'}: a half-written checkpoint (no "
+                                    f"manifest.json: its save did not finish)") in out.stdout
+
+
+def test_a_bare_path_is_a_one_element_list():
+    config = load_config(None, ["data.train_data_path=../x", "data.eval_data_path=[a,b]"])
+    assert config.data.train_data_path == ["../x"] and config.data.eval_data_path == ["a", "b"]
