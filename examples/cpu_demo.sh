@@ -9,9 +9,39 @@
 #      run's metrics (runs/cpu-demo/metrics.png) and sample a few tokens from the last checkpoint
 # Outputs: runs/cpu-demo/ (config.yaml, checkpoints/, eval_results/, wandb/ offline logs), runs/pico/cpu-demo/.
 # Each run starts fresh: it removes the outputs of an earlier demo run (runs/cpu-demo*, runs/pico/cpu-demo).
+#   bash examples/cpu_demo.sh                       # each launch's rendezvous port: a free one, picked by the OS
+#   bash examples/cpu_demo.sh --master_port 29600   # that port (refused in one line when another process has it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+usage="usage: bash examples/cpu_demo.sh [--master_port PORT]"
+port=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --master_port) [ $# -ge 2 ] || { echo "error: --master_port needs a port number; $usage" >&2; exit 2; }
+                   port=$2; shift 2 ;;
+    --master_port=*) port=${1#*=}; shift ;;
+    -h|--help) echo "$usage"; exit 0 ;;
+    *) echo "error: unknown argument '$1'; $usage" >&2; exit 2 ;;
+  esac
+done
+if [ -n "$port" ] && ! [[ "$port" =~ ^[0-9]+$ && "$port" -ge 1 && "$port" -le 65535 ]]; then
+  echo "error: --master_port '$port' is not a port number (1-65535)" >&2
+  exit 2
+fi
 bash scripts/ensure_venv.sh
+# The port for the next launch: --master_port's when it is free, else one the OS picks (port 0). torch's rendezvous
+# listens on every interface with SO_REUSEADDR, so a port is free when a socket like that can bind it.
+rendezvous_port() {
+  .venv/bin/python -c 'import socket, sys
+with socket.socket() as sock:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("", int(sys.argv[1])))
+    except OSError as err:
+        sys.exit(f"error: --master_port {sys.argv[1]} is taken ({err.strerror}); pick another, or leave it out")
+    print(sock.getsockname()[1])' "${port:-0}"
+}
+rendezvous_port >/dev/null  # a taken --master_port stops the demo here, before any work
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}" PYTHONUNBUFFERED=1
 export WANDB_SILENT=true
 # glibc's malloc hands large tensors back to the OS when freed, so every step page-faults its big buffers in again
@@ -25,10 +55,16 @@ echo "== 1/4 preprocess the shipped Dolma sample"
     --append-eod --workers 2
 
 echo "== 2/4 train: DeepSpeed ZeRO-2, DP=2 on 2 CPU processes, steps 1-20"
-.venv/bin/deepspeed --num_gpus 2 pretrain.py --config examples/cpu_demo.yaml training.exit_interval=20
+launch_port=$(rendezvous_port)
+echo "rendezvous port: $launch_port"
+.venv/bin/deepspeed --num_gpus 2 --master_port "$launch_port" pretrain.py --config examples/cpu_demo.yaml \
+    training.exit_interval=20
 
 echo "== 3/4 resume at TP=2 (checkpoint re-sharded), steps 21-40, eval"
-.venv/bin/deepspeed --num_gpus 2 pretrain.py --config examples/cpu_demo.yaml parallel.tensor_parallel_size=2
+launch_port=$(rendezvous_port)
+echo "rendezvous port: $launch_port"
+.venv/bin/deepspeed --num_gpus 2 --master_port "$launch_port" pretrain.py --config examples/cpu_demo.yaml \
+    parallel.tensor_parallel_size=2
 
 echo "== 4/4 convert every checkpoint into a pico run directory (HF checkpoints + learning dynamics), draw the run"
 .venv/bin/python tools/convert_to_hf.py --run-dir runs/cpu-demo --output runs/pico

@@ -1,5 +1,7 @@
 """The shipped recipes load, validate at their GPU count, and keep pico's global batch."""
 
+from pathlib import Path
+
 import pytest
 from conftest import REPO
 
@@ -70,3 +72,92 @@ def test_recipe_layout_trains_on_cpu(size, sample_prefix, tmp_path, monkeypatch)
     run = tmp_path / "runs" / f"pico-decoder-{size}"
     assert (run / "checkpoints" / "step_2").is_dir()
     assert (run / "checkpoints" / "step_2" / "learning_dynamics" / "train_activations.pt").is_file()
+
+
+TOOLS = sorted(path.stem for path in (REPO / "tools").glob("*.py"))
+COMMAND_STARTS = ("python ", "bash ", "deepspeed ", "sbatch ", "hf ", "PYTHON=", "PRECISIONS=", ".venv/bin/")
+REPO_DIRS = ("data/", "examples/", "ds_configs/", "tools/", "scripts/", "benchmarks/")
+
+
+class _Parsed(Exception):
+    def __init__(self, parser, method):
+        self.parser, self.method = parser, method
+
+
+def _tool_parser(name, monkeypatch):
+    """The tool's ArgumentParser, as its main() builds it, and the parse method it calls (nothing runs)."""
+    import argparse
+    import importlib
+
+    def capture(method):
+        def stop(self, *args, **kwargs):
+            raise _Parsed(self, method)
+        return stop
+
+    for method in ("parse_args", "parse_intermixed_args"):
+        monkeypatch.setattr(argparse.ArgumentParser, method, capture(method))
+    with pytest.raises(_Parsed) as parsed:
+        importlib.import_module(name).main([])
+    monkeypatch.undo()
+    return parsed.value.parser, parsed.value.method
+
+
+def _help_commands():
+    """(where, command) for every command line the tools' help texts and the shell scripts' header comments show;
+    a line ending in a backslash continues on the next."""
+    texts = {f"tools/{name}.py": __import__(name).__doc__ for name in TOOLS}
+    for path in [*(REPO / "examples").glob("*.sh"), *(REPO / "examples").glob("*.slurm"),
+                 *(REPO / "scripts").glob("*.sh")]:
+        header = []
+        for line in path.read_text().splitlines()[1:]:
+            if not line.startswith("#"):
+                break
+            header.append(line.lstrip("#"))
+        texts[str(path.relative_to(REPO))] = "\n".join(header)
+    commands = []
+    for where, text in texts.items():
+        pending = None
+        for line in text.splitlines():
+            stripped = line.strip()
+            if pending is not None:
+                pending += " " + stripped.rstrip("\\")
+            elif stripped.startswith(COMMAND_STARTS):
+                pending = stripped.rstrip("\\")
+            if pending is not None and not stripped.endswith("\\"):
+                commands.append((where, pending))
+                pending = None
+    return commands
+
+
+def test_every_tool_option_has_help(monkeypatch):
+    missing = []
+    for name in TOOLS:
+        parser, _ = _tool_parser(name, monkeypatch)
+        missing += [f"tools/{name}.py {action.option_strings or action.dest}" for action in parser._actions
+                    if not action.help]
+    assert missing == []
+
+
+def test_help_commands_name_real_files_and_parse(monkeypatch):
+    """Every command in a help text names files the repository has (outputs go under runs/), uses `hf download`
+    (huggingface_hub >= 1.0 has no huggingface-cli), and a tool's command parses with that tool's parser."""
+    import shlex
+
+    commands = _help_commands()
+    assert len(commands) > 20
+    problems = []
+    for where, command in commands:
+        words = [word for word in shlex.split(command, comments=True) if "=" not in word or word.startswith("-")]
+        for word in words:
+            path = word.split("=", 1)[-1]
+            if path.startswith(REPO_DIRS) and not (REPO / path).exists():
+                problems.append(f"{where}: {path} does not exist ({command})")
+        if words[0] == "python" and words[1].startswith("tools/"):
+            parser, method = _tool_parser(Path(words[1]).stem, monkeypatch)
+            try:
+                getattr(parser, method)(words[2:])
+            except SystemExit:
+                problems.append(f"{where}: does not parse: {command}")
+    assert problems == []
+    for path in [*(REPO / "tools").glob("*.py"), *(REPO / "examples").glob("*.sh"), *(REPO / "scripts").glob("*.sh")]:
+        assert "huggingface-cli" not in path.read_text(), path

@@ -182,3 +182,42 @@ def test_interrupted_run_leaves_nothing_final_and_resumes(tmp_path, documents, r
     assert summary["resumed_files"] == 1 and summary["documents"] == 60
     _assert_documents(tmp_path / "out_text_document", reference_ids[:60])
     assert not (tmp_path / "out.parts").exists()
+
+
+EMPTY_INPUTS = {
+    "an empty file": ({"in.jsonl": b""}, "in.jsonl", "no documents (empty input)"),
+    "a directory of empty files": ({"docs/a.jsonl": b"", "docs/b.json.gz": gzip.compress(b"")}, "docs",
+                                   "no documents (empty input)"),
+    "only blank lines": ({"in.jsonl": b"\n\n  \n"}, "in.jsonl", "no documents (empty input)"),
+    "all-empty documents": ({"in.jsonl": b'{"text": ""}\n{"text": ""}\n'}, "in.jsonl",
+                            "every document is empty or skipped (2 read; empty document (text): 2)"),
+}
+
+
+@pytest.mark.parametrize("case", list(EMPTY_INPUTS))
+def test_empty_input_is_one_line_and_writes_nothing(tmp_path, capsys, case):
+    files, given, message = EMPTY_INPUTS[case]
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    assert _run(tmp_path, tmp_path / given) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # the progress bar comes before it on stderr
+    assert err.startswith(f"error: {tmp_path / given}: {message}; nothing written; point --input at JSON lines")
+    assert "--json-keys" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({name.split("/")[0] for name in files})
+
+
+def test_empty_pretokenized_input_writes_nothing(tmp_path, capsys):
+    pq.write_table(pa.table({"input_ids": pa.array([], type=pa.list_(pa.int32()))}), tmp_path / "ids.parquet")
+    assert preprocess_main(["--input", str(tmp_path / "ids.parquet"), "--output-prefix", str(tmp_path / "out"),
+                            "--json-keys", "input_ids", "--vocab-size", "50304"]) == 1
+    assert "ids.parquet: no documents (empty input); nothing written" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ids.parquet"]
+
+
+def test_directory_without_input_files(tmp_path, capsys):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.txt").write_text("not an input format")
+    assert _run(tmp_path, tmp_path / "docs") == 1
+    assert f"error: {tmp_path / 'docs'}: no input found (want a .jsonl" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs"]

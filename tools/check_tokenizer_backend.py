@@ -63,9 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer-model", required=True, help="a HF tokenizer.json")
     parser.add_argument("--input", help="documents to compare (any input preprocess_data.py reads)")
-    parser.add_argument("--json-key", default="text")
+    parser.add_argument("--json-key", default="text", help="field (column) of --input holding the text")
     parser.add_argument("--seconds", type=float, default=60.0, help="time for random probes")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random probes (the same seed, the same "
+                                                              "probes)")
     args = parser.parse_args(argv)
     try:
         fast = ByteLevelBPE(args.tokenizer_model)

@@ -1,5 +1,6 @@
 """Turn a pico HF checkpoint into a megapico training checkpoint at a chosen TP size, to continue pretraining.
 
+    hf download pico-lm/pico-decoder-tiny --local-dir pico-decoder-tiny
     python tools/convert_from_hf.py --hf pico-decoder-tiny/ --config examples/cpu_demo.yaml \\
         parallel.tensor_parallel_size=2 checkpointing.run_name=continued
     deepspeed --num_gpus 2 pretrain.py --config examples/cpu_demo.yaml parallel.tensor_parallel_size=2 \\

@@ -1,8 +1,9 @@
 """Convert megapico checkpoints (any TP x DP layout) into verified Hugging Face checkpoints.
 
-    python tools/convert_to_hf.py --checkpoint runs/RUN/checkpoints/latest --output out/pico-hf
+    python tools/convert_to_hf.py --checkpoint runs/cpu-demo/checkpoints/latest --output out/pico-hf
     python tools/convert_to_hf.py --checkpoint runs/RUN/checkpoints/step_1000 --output out/llama --format llama
-    python tools/convert_to_hf.py --run-dir runs/RUN --output pico_runs      # -> pico_runs/RUN for pico-analyze
+    python tools/convert_to_hf.py --run-dir runs/cpu-demo --output runs/pico  # -> runs/pico/cpu-demo for pico-analyze
+The runs/cpu-demo commands work after examples/cpu_demo.sh; RUN and step_N stand for your run and its steps.
 Each export is loaded back with transformers and compared with megapico's model on a fixed batch; a max
 |logit difference| above 1e-4 fails the conversion and leaves nothing behind.
 """
@@ -24,7 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     source.add_argument("--checkpoint", help="runs/RUN/checkpoints/step_N, or .../latest")
     source.add_argument("--run-dir", help="runs/RUN: convert every checkpoint into pico's run layout")
     parser.add_argument("--output", required=True, help="HF directory (--checkpoint) or runs root (--run-dir)")
-    parser.add_argument("--format", choices=["pico", "llama"], default="pico")
+    parser.add_argument("--format", choices=["pico", "llama"], default="pico",
+                        help="pico: pico's own HF model (what pico-analyze reads); llama: a plain LlamaForCausalLM "
+                             "(q/k rows permuted), --checkpoint only")
     parser.add_argument("--tokenizer", help="tokenizer.json to ship (default: the run's data.tokenizer)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output")
     parser.add_argument("--no-verify", action="store_true", help="skip the logits check (not recommended)")

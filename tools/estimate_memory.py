@@ -34,9 +34,9 @@ def row(name: str, config_path: str, overrides: list[str], gpus: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="megapico YAML")
-    parser.add_argument("--gpus", type=int, default=16)
+    parser.add_argument("--gpus", type=int, default=16, help="GPUs of the run (DP = GPUs / TP)")
     parser.add_argument("--table", action="store_true", help="all four pico sizes from examples/")
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.micro_batch_size=8")
     args = parser.parse_args(argv)
     print("| model | TP | DP | micro batch | weights GiB | grads GiB | ZeRO-2 optimizer GiB | activations GiB | "
           "activations, full AC GiB | total GiB | total, full AC GiB | largest micro batch without AC |")

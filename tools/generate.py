@@ -1,6 +1,6 @@
 """Sample text from a checkpoint: a training checkpoint of any TP x DP layout, or an exported HF directory.
 
-    python tools/generate.py --checkpoint runs/RUN/checkpoints/latest --prompt "The capital of France is"
+    python tools/generate.py --checkpoint runs/cpu-demo/checkpoints/latest --prompt "The capital of France is"
     python tools/generate.py --checkpoint runs/RUN/checkpoints/step_1000 --prompt "Once" --temperature 0.8 \\
         --top-p 0.95 --seed 3 --max-new-tokens 64
     python tools/generate.py --hf runs/pico/RUN/checkpoints/latest --prompt "Once"
@@ -24,11 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="runs/RUN/checkpoints/step_N or .../latest")
     source.add_argument("--hf", help="an exported HF directory (pico or llama format)")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=32,
+                        help="tokens to sample (fewer when the end-of-document token comes first)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="nucleus sampling: draw from the most likely tokens holding this much probability")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sampling (no effect when greedy)")
     parser.add_argument("--tokenizer", help="tokenizer.json (default: the run's data.tokenizer / the HF directory's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="where the model runs (default: cuda when there is a GPU, else cpu)")

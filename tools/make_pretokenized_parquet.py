@@ -3,9 +3,10 @@
 pico's pretokenized-dolma is Dolma tokenized with pico's tokenizer, an end-of-document token after each document
 (preprocess with --append-eod), the token stream cut into rows of 2049, stored as data/train-NNNNN-of-NNNNN.parquet
 with columns input_ids (list of int32) and idx. This writes the same layout from any prefix (a small local copy
-for tests, benchmarks and pico-train itself, which reads it as `data.dataset.name`):
-    python tools/make_pretokenized_parquet.py --prefix data/sample_text_document --output data/pretokenized \\
-        --row-tokens 2049 --rows-per-file 20480
+for tests, benchmarks and pico-train itself, which reads it as `data.dataset.name`). From the shipped sample as
+examples/cpu_demo.sh preprocesses it (runs/cpu-demo-data/sample_text_document):
+    python tools/make_pretokenized_parquet.py --prefix runs/cpu-demo-data/sample_text_document \\
+        --output runs/pretokenized --row-tokens 2049 --rows-per-file 20480
 The tail shorter than one row is dropped, as pico's is.
 """
 

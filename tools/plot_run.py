@@ -1,9 +1,12 @@
 """Draw a run's record: loss, learning rate, grad norm, tokens/s and eval perplexity against the step, into a PNG.
 
-    python tools/plot_run.py runs/RUN                  # -> runs/RUN/metrics.png
+    python tools/plot_run.py runs/cpu-demo             # -> runs/cpu-demo/metrics.png (after examples/cpu_demo.sh)
     python tools/plot_run.py runs/RUN --output run.png
 Reads runs/RUN/metrics.jsonl, which pretrain.py writes (one JSON object per logged step and per eval; steps re-run
-after a fall-back replace their old records).
+after a fall-back replace their old records; each launch adds {"step", "event": "start" | "resume", "layout",
+"global_batch"}). Every resume is a dashed vertical line labelled with its layout, drawn red where the layout or
+the global batch changed. The eval curve is named after what it measured, from runs/RUN/config.yaml: the
+evaluation.name of a separate held-out set (data.eval_data_path), else the valid split of the training data.
 """
 
 import argparse
@@ -15,9 +18,15 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.transforms import offset_copy  # noqa: E402
+
+from megapico.config import ConfigError, load_config  # noqa: E402
 
 PANELS = (("train/loss", "train loss"), ("trainer/learning_rate", "learning rate"), ("trainer/grad_norm", "grad norm"),
           ("trainer/tokens_per_second", "tokens/s"))
+VALID_SPLIT = "valid split of the training data"
+RESUME_COLOR, CHANGED_COLOR = "0.45", "tab:red"
 
 
 def read_records(path: Path) -> list[dict]:
@@ -29,36 +38,93 @@ def read_records(path: Path) -> list[dict]:
         raise ValueError(f"{path}: line {err.lineno} is not JSON") from None
 
 
-def plot(records: list[dict], output: Path, title: str) -> None:
+def eval_set_names(config_path: Path) -> dict[str, str]:
+    """{eval metric key: the set it measured} from the run's saved config (ConfigError when it cannot be read)."""
+    config = load_config(config_path, received=True)  # a saved config: read as plain values
+    name = config.evaluation.name
+    return {f"eval/{name}": name if config.data.eval_data_path else VALID_SPLIT}
+
+
+def launches(records: list[dict]) -> list[dict]:
+    """The launch records in file order, each with `previous` (the launch before it, or None) and `changed`: its
+    layout or global batch differs from the previous launch's (False for the first)."""
+    found, previous = [], None
+    for record in records:
+        if record.get("event") not in ("start", "resume"):
+            continue
+        changed = previous is not None and (record.get("layout"), record.get("global_batch")) != (
+            previous.get("layout"), previous.get("global_batch"))
+        found.append({**record, "changed": changed, "previous": previous})
+        previous = record
+    return found
+
+
+def _layout_text(launch: dict) -> str:
+    return f"{launch.get('layout', '?')}, batch {launch.get('global_batch', '?')}"
+
+
+def _launch_text(launch: dict) -> str:
+    """"resume TP=2 x DP=1, batch 8", and below it "(was TP=1 x DP=2, batch 16)" where that changed."""
+    text = f"resume {_layout_text(launch)}"
+    return f"{text}\n(was {_layout_text(launch['previous'])})" if launch["changed"] else text
+
+
+def plot(records: list[dict], title: str, eval_names: dict[str, str] | None = None) -> Figure:
+    """The figure: one panel per metric, resumes as vertical lines (labelled on the top panel), eval panels titled
+    with the set they measured (`eval_names`: metric key -> set; a key not in it is named after itself)."""
+    eval_names = eval_names or {}
     eval_keys = sorted({key for record in records for key in record if key.startswith("eval/")})
-    panels = [*PANELS, *((key, f"{key.removeprefix('eval/')} perplexity") for key in eval_keys)]
-    figure, axes = plt.subplots(len(panels), 1, figsize=(8, 2.2 * len(panels)), sharex=True)
+    panels = [*PANELS, *((key, "perplexity") for key in eval_keys)]
+    figure, axes = plt.subplots(len(panels), 1, figsize=(8, 2.2 * len(panels)), sharex=True, squeeze=False)
+    axes = axes[:, 0]
+    runs = launches(records)
+    resumes = [launch for launch in runs if launch["event"] == "resume"]
     for axis, (key, label) in zip(axes, panels, strict=True):
         points = [(record["step"], record[key]) for record in records if key in record]
         if points:
             steps, values = zip(*points, strict=True)
             axis.plot(steps, values, marker="o" if len(points) < 30 else None, markersize=3)
+        if key.startswith("eval/"):
+            axis.set_title(f"eval perplexity: {eval_names.get(key, key.removeprefix('eval/'))}", fontsize=9)
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
+        for launch in resumes:
+            axis.axvline(launch["step"], color=CHANGED_COLOR if launch["changed"] else RESUME_COLOR,
+                         linestyle="--", linewidth=1.5 if launch["changed"] else 1.0, gid=f"resume@{launch['step']}")
+    for launch in resumes:  # along its line, from the top of the first panel
+        beside = offset_copy(axes[0].get_xaxis_transform(), figure, x=-2, units="points")  # left of the line
+        axes[0].text(launch["step"], 0.97, _launch_text(launch), transform=beside,
+                     rotation=90, fontsize=6.5, ha="right", va="top", linespacing=1.1,
+                     color=CHANGED_COLOR if launch["changed"] else RESUME_COLOR,
+                     bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7, "pad": 1})
     axes[-1].set_xlabel("step")
-    figure.suptitle(title)
+    first = runs[0] if runs and runs[0]["event"] == "start" else None
+    figure.suptitle(f"{title} (started at {first.get('layout', '?')}, global batch {first.get('global_batch', '?')})"
+                    if first else title)
     figure.tight_layout()
-    figure.savefig(output, dpi=100)
-    plt.close(figure)
+    return figure
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", help="runs/RUN")
+    parser.add_argument("run_dir", help="the run directory, runs/RUN (holding metrics.jsonl and config.yaml)")
     parser.add_argument("--output", help="PNG path (default: RUN_DIR/metrics.png)")
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir)
     output = Path(args.output) if args.output else run_dir / "metrics.png"
     try:
-        plot(read_records(run_dir / "metrics.jsonl"), output, run_dir.name)
+        records = read_records(run_dir / "metrics.jsonl")
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    try:
+        eval_names = eval_set_names(run_dir / "config.yaml")
+    except ConfigError as err:
+        print(f"warning: {err}; eval curves are named by their metric keys", file=sys.stderr)
+        eval_names = {}
+    figure = plot(records, run_dir.name, eval_names)
+    figure.savefig(output, dpi=100)
+    plt.close(figure)
     print(f"wrote {output}")
     return 0
 

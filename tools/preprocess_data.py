@@ -1,9 +1,12 @@
 """Tokenize Dolma (or any JSON-lines / parquet / HF dataset) into Megatron-LM's .bin/.idx.
 
-Megatron's command line works unchanged:
-    python tools/preprocess_data.py --input data/sample/documents --output-prefix data/sample \\
-        --tokenizer-type HuggingFaceTokenizer --tokenizer-model data/tokenizer.json --append-eod --workers 2
-Outputs `{output_prefix}_{key}_document.{bin,idx}` for every --json-keys key.
+Megatron's command line works unchanged (this one is examples/cpu_demo.sh's, on the shipped Dolma sample):
+    python tools/preprocess_data.py --input data/sample/documents --output-prefix runs/cpu-demo-data/sample \\
+        --tokenizer-type HuggingFaceTokenizer --tokenizer-model data/tokenizers/olmo-gpt-neox-dolma-v1_5.json \\
+        --append-eod --workers 2
+Outputs `{output_prefix}_{key}_document.{bin,idx}` for every --json-keys key, and beside them
+`{output_prefix}_{key}_document.megapico.json`: the tokenizer's fingerprint and the largest token id, which
+training checks against its tokenizer and model.vocab_size. Input with no documents is an error; nothing is written.
 """
 
 import argparse
@@ -34,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--append-eod", action="store_true", help="append the end-of-document token to each document")
     group.add_argument("--vocab-size", type=int, help="for already tokenized input without --tokenizer-model")
     group = parser.add_argument_group("output")
-    group.add_argument("--output-prefix", required=True)
+    group.add_argument("--output-prefix", required=True,
+                       help="path and name stem of the outputs: PREFIX_KEY_document.bin/.idx/.megapico.json")
     group.add_argument("--dataset-impl", choices=["mmap"], default="mmap", help="accepted for old Megatron scripts")
     group = parser.add_argument_group("runtime")
     group.add_argument("--workers", type=int, default=1, help="tokenizer processes")
@@ -61,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({summary['resumed_files']} already done) in {summary['seconds']:.1f}s "
           f"({summary['documents'] / max(summary['seconds'], 1e-9):,.0f} docs/s); skipped: {skipped}")
     for output in summary["outputs"]:
-        print(f"wrote {output}.bin / {output}.idx")
+        print(f"wrote {output}.bin / .idx / .megapico.json")
     return 0
 
 

@@ -7,6 +7,9 @@ Text input: each file becomes an atomically finished part under `{output_prefix}
 files already tokenized; the parts are then merged into `{output_prefix}_{key}_document.{bin,idx}`. Token-id input
 (pretokenized-dolma's input_ids) is cheaper to read again than to copy, so it streams straight into the outputs,
 files in name order, rows in file order, each row one document (pico-train's order).
+Input that yields no documents is an error and writes nothing. Each output gets its record (provenance.py:
+`{prefix}.megapico.json`, the tokenizer's fingerprint and the largest id in the data), so training can tell a
+tokenizer that does not match the data.
 """
 
 import hashlib
@@ -17,6 +20,7 @@ import os
 import shutil
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from megapico.data.indexed_dataset import DataError, IndexedDataset, IndexedDatasetWriter, merge_datasets, token_dtype
+from megapico.data.provenance import data_record, max_token_id, remove_record, tokenizer_record, write_record
 from megapico.data.readers import Chunk, discover_sources, read_chunks
 from megapico.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -41,6 +46,21 @@ class PreprocessOptions:
     skip_bad_records: bool = False
     hf_split: str = "train"
     vocab_size: int | None = None  # only for pretokenized input without a tokenizer
+
+
+@dataclass
+class Tally:
+    """What the main process counts while writing: documents and tokens, skipped records by reason, the largest
+    id written per key, and the progress bar."""
+
+    progress: tqdm
+    totals: Counter = field(default_factory=Counter)
+    skipped: Counter = field(default_factory=Counter)
+    max_ids: dict[str, int] = field(default_factory=dict)
+
+    def see_ids(self, key: str, ids: np.ndarray) -> None:
+        if len(ids):
+            self.max_ids[key] = max(self.max_ids.get(key, -1), int(ids.max()))
 
 
 @dataclass
@@ -188,15 +208,14 @@ def preprocess(options: PreprocessOptions) -> dict:
         note = f"; {tokenizer.backend_note}" if tokenizer.backend_note else ""
         print(f"tokenizer: {tokenizer.path} (vocab {tokenizer.vocab_size:,}, eod {tokenizer.eod_id}, "
               f"encoder {tokenizer.backend}{note})")
-    vocab_size = tokenizer.vocab_size if tokenizer else options.vocab_size
+    # ids may have gaps (a vocabulary of 50,280 entries whose ids reach 60,025): ids and dtype bound by the largest
+    vocab_size = max(tokenizer.vocab_size, tokenizer.max_id + 1) if tokenizer else options.vocab_size
     eod_id = tokenizer.eod_id if tokenizer else None
     if vocab_size is None:
         raise DataError("no tokenizer: pass --tokenizer-model (or --vocab-size for already tokenized input)")
     if options.append_eod and eod_id is None:
         raise DataError("--append-eod needs the tokenizer's end-of-document id: pass --tokenizer-model")
     dtype = token_dtype(vocab_size)
-    totals = Counter()
-    skipped: Counter = Counter()
     pool = None
     # Workers use the encoder the main process chose, so an `auto` choice cannot differ between them.
     worker_args = (options.tokenizer_model, options.tokenizer_type, tokenizer.backend if tokenizer else "huggingface")
@@ -205,33 +224,61 @@ def preprocess(options: PreprocessOptions) -> dict:
     else:
         _init_worker(*worker_args)
     total_bytes = sum(Path(s).stat().st_size for s in sources if Path(s).is_file())
-    progress = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", dynamic_ncols=True,
-                    miniters=1, mininterval=1.0)
+    tally = Tally(tqdm(total=total_bytes, unit="B", unit_scale=True, desc="preprocess", dynamic_ncols=True,
+                       miniters=1, mininterval=1.0))
     outputs = {key: output_prefix_for(options.output_prefix, key) for key in options.json_keys}
     try:
         if tokenizer is None:  # token ids: as fast to read again as to copy, so no parts to resume from
-            _write_sources(sources, outputs, options, dtype, pool, eod_id, vocab_size, progress, totals, skipped)
+            _write_sources(sources, outputs, options, dtype, pool, eod_id, vocab_size, tally,
+                           before_finalize=lambda counts: _before_writing_outputs(counts, outputs, options, tally))
         else:
-            _build_parts_and_merge(sources, options, outputs, dtype, pool, eod_id, vocab_size, progress, totals,
-                                   skipped)
+            _build_parts_and_merge(sources, options, outputs, dtype, pool, eod_id, vocab_size, tally)
     finally:
-        progress.close()
+        tally.progress.close()
         if pool is not None:
             pool.terminate()
+    built_with = tokenizer_record(tokenizer) if tokenizer else None
+    for key, prefix in outputs.items():
+        write_record(prefix, data_record(prefix, built_with, tally.max_ids.get(key, -1)))
     first = IndexedDataset(outputs[options.json_keys[0]])
-    return dict(documents=len(first), tokens=first.num_tokens, documents_read=totals["documents_in"],
-                skipped=dict(skipped), files=len(sources), resumed_files=totals["resumed files"],
+    return dict(documents=len(first), tokens=first.num_tokens, documents_read=tally.totals["documents_in"],
+                skipped=dict(tally.skipped), files=len(sources), resumed_files=tally.totals["resumed files"],
                 seconds=time.perf_counter() - start, outputs=[str(outputs[key]) for key in options.json_keys])
 
 
+def _before_writing_outputs(documents: dict[str, int], outputs: dict[str, str], options: PreprocessOptions,
+                            tally: Tally) -> None:
+    """Refuse input that gave no documents (training would only blame the split), then drop the outputs' old
+    records: a record must never describe data it was not written with."""
+    for key, count in documents.items():
+        if count == 0:
+            raise _no_documents_error(options, key, tally)
+    for prefix in outputs.values():
+        remove_record(prefix)
+
+
+def _no_documents_error(options: PreprocessOptions, key: str, tally: Tally) -> DataError:
+    read = tally.totals["documents_in"]
+    fix = (f"nothing written; point --input at JSON lines, parquet or a saved HF dataset whose '{key}' field holds "
+           f"the documents (--json-keys names the field)")
+    if read == 0 and not tally.totals["resumed files"]:
+        return DataError(f"{options.input}: no documents (empty input); {fix}")
+    reasons = ", ".join(f"{reason}: {count:,}" for reason, count in sorted(tally.skipped.items()))
+    return DataError(f"{options.input}: every document is empty or skipped ({read:,} read; {reasons or 'none'}); "
+                     f"{fix}")
+
+
 def _write_sources(sources: list[str], prefixes: dict[str, str | Path], options: PreprocessOptions, dtype: type,
-                   pool: multiprocessing.pool.Pool | None, eod_id: int | None, vocab_size: int, progress: tqdm,
-                   totals: Counter, skipped: Counter) -> None:
-    """`sources`, in order, into one writer per key (atomic: nothing appears under `prefixes` unless all succeed)."""
+                   pool: multiprocessing.pool.Pool | None, eod_id: int | None, vocab_size: int, tally: Tally,
+                   before_finalize: Callable[[dict[str, int]], None] | None = None) -> None:
+    """`sources`, in order, into one writer per key (atomic: nothing appears under `prefixes` unless all succeed).
+    before_finalize gets the documents per key and may refuse them (raise) before anything is renamed into place."""
     writers = {key: IndexedDatasetWriter(prefix, dtype) for key, prefix in prefixes.items()}
     try:
         for source in sources:
-            _process_source(source, options, writers, pool, eod_id, vocab_size, progress, totals, skipped)
+            _process_source(source, options, writers, pool, eod_id, vocab_size, tally)
+        if before_finalize is not None:
+            before_finalize({key: writer.num_documents for key, writer in writers.items()})
     except BaseException:
         for writer in writers.values():
             writer.abort()
@@ -242,9 +289,9 @@ def _write_sources(sources: list[str], prefixes: dict[str, str | Path], options:
 
 def _build_parts_and_merge(sources: list[str], options: PreprocessOptions, outputs: dict[str, str], dtype: type,
                            pool: multiprocessing.pool.Pool | None, eod_id: int | None, vocab_size: int,
-                           progress: tqdm, totals: Counter, skipped: Counter) -> None:
+                           tally: Tally) -> None:
     """Each source into its own part under {output_prefix}.parts/ (a re-run skips the finished ones), then the
-    parts merged in source order."""
+    parts merged in source order; parts without a document between them are removed and refused."""
     parts_dir = Path(f"{options.output_prefix}.parts")
     parts_dir.mkdir(parents=True, exist_ok=True)
     part_prefixes: dict[str, list[Path]] = {key: [] for key in options.json_keys}
@@ -253,18 +300,25 @@ def _build_parts_and_merge(sources: list[str], options: PreprocessOptions, outpu
         for key in options.json_keys:
             part_prefixes[key].append(prefixes[key])
         if all(_is_complete(prefix) for prefix in prefixes.values()):
-            progress.update(Path(source).stat().st_size if Path(source).is_file() else 0)
-            totals["resumed files"] += 1
+            tally.progress.update(Path(source).stat().st_size if Path(source).is_file() else 0)
+            tally.totals["resumed files"] += 1
+            for key, prefix in prefixes.items():  # written by an earlier run: its ids were not seen in this one
+                tally.max_ids[key] = max(tally.max_ids.get(key, -1), max_token_id(prefix))
             continue
-        _write_sources([source], prefixes, options, dtype, pool, eod_id, vocab_size, progress, totals, skipped)
+        _write_sources([source], prefixes, options, dtype, pool, eod_id, vocab_size, tally)
+    try:
+        _before_writing_outputs({key: sum(len(IndexedDataset(prefix)) for prefix in prefixes)
+                                 for key, prefixes in part_prefixes.items()}, outputs, options, tally)
+    except DataError:
+        shutil.rmtree(parts_dir)  # empty parts: nothing worth resuming from
+        raise
     for key, prefixes in part_prefixes.items():
         merge_datasets(prefixes, outputs[key])
     shutil.rmtree(parts_dir)
 
 
 def _process_source(source: str, options: PreprocessOptions, writers: dict[str, IndexedDatasetWriter],
-                    pool: multiprocessing.pool.Pool | None, eod_id: int | None, vocab_size: int, progress: tqdm,
-                    totals: Counter, skipped: Counter) -> None:
+                    pool: multiprocessing.pool.Pool | None, eod_id: int | None, vocab_size: int, tally: Tally) -> None:
     args = (options.json_keys, options.append_eod, eod_id, vocab_size)
     in_flight: deque = deque()
 
@@ -273,11 +327,12 @@ def _process_source(source: str, options: PreprocessOptions, writers: dict[str, 
             raise DataError(f"{result.error} (fix the record, or pass --skip-bad-records to count and skip it)")
         for key, (ids, lengths) in result.tokens.items():
             writers[key].add_documents(ids, lengths)
-        skipped.update(result.skipped)
-        totals["documents_in"] += result.documents_in
-        totals["tokens"] += sum(len(ids) for ids, _ in result.tokens.values())
-        progress.update(result.num_bytes)
-        progress.set_postfix(docs=totals["documents_in"], tokens=totals["tokens"], refresh=False)
+            tally.see_ids(key, ids)
+        tally.skipped.update(result.skipped)
+        tally.totals["documents_in"] += result.documents_in
+        tally.totals["tokens"] += sum(len(ids) for ids, _ in result.tokens.values())
+        tally.progress.update(result.num_bytes)
+        tally.progress.set_postfix(docs=tally.totals["documents_in"], tokens=tally.totals["tokens"], refresh=False)
 
     for chunk in read_chunks(source, options.json_keys, options.hf_split):
         if pool is None:

@@ -1,11 +1,13 @@
 """Tokenizers for preprocessing: a HF `tokenizers` JSON file or HF tokenizer directory, or a sentencepiece
 .model. Each encodes a batch of texts into one flat numpy array plus per-document lengths, and knows its
-end-of-document id and vocabulary size.
+end-of-document id, vocabulary size, largest id, and a fingerprint of its vocabulary (provenance.py records it
+beside the data it tokenized).
 
 A HF tokenizer encodes with one of two backends giving the same ids: `huggingface` (the Rust batch API) or
 `tiktoken` (bytelevel_bpe.py: about 4x faster per core, for GPT-2-style byte-level BPE files such as pico's).
 `auto` takes tiktoken when the file qualifies and says why when it does not."""
 
+import hashlib
 import itertools
 import json
 from pathlib import Path
@@ -20,10 +22,12 @@ BACKENDS = ("auto", "huggingface", "tiktoken")
 
 
 class Tokenizer:
-    """Common interface: encode_batch(texts) -> (flat ids, lengths); eod_id; vocab_size; path."""
+    """Common interface: encode_batch(texts) -> (flat ids, lengths); eod_id; vocab_size (entries); max_id (the
+    largest id, which may exceed vocab_size - 1 when ids have gaps); path; fingerprint()."""
 
     path: str
     vocab_size: int
+    max_id: int
     eod_id: int
     backend: str = "sentencepiece"
     backend_note: str = ""
@@ -34,6 +38,15 @@ class Tokenizer:
     def decode_batch(self, id_lists: list[list[int]]) -> list[str]:
         """Texts of token-id lists, special tokens left out (pico-train's decode for its train_data/)."""
         raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical vocabulary (and merges): equal for the same tokenizer however its file is
+        formatted (an export re-serialises it), different when any token, id or merge differs."""
+        raise NotImplementedError
+
+
+def _sha256_of(canonical: object) -> str:
+    return hashlib.sha256(json.dumps(canonical, ensure_ascii=False, separators=(",", ":")).encode()).hexdigest()
 
 
 def _flatten(id_lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -62,6 +75,7 @@ class HuggingFaceTokenizer(Tokenizer):
             raise DataError(f"{file}: not a HF tokenizers JSON ({str(err).splitlines()[0]})") from None
         self.path = str(path)
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        self.max_id = max(self._tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
         for candidate in (eos_hint, *EOD_CANDIDATES):
             if candidate and self._tokenizer.token_to_id(candidate) is not None:
                 self.eod_id = self._tokenizer.token_to_id(candidate)
@@ -90,6 +104,14 @@ class HuggingFaceTokenizer(Tokenizer):
     def decode_batch(self, id_lists: list[list[int]]) -> list[str]:
         return self._tokenizer.decode_batch(id_lists, skip_special_tokens=True)
 
+    def fingerprint(self) -> str:
+        """Over the model type, every (token, id) added tokens included, and the BPE merges (written as "a b"
+        or ["a", "b"] depending on the tokenizers version: both read as "a b")."""
+        model = json.loads(self._tokenizer.to_str())["model"]
+        vocab = sorted(self._tokenizer.get_vocab(with_added_tokens=True).items(), key=lambda item: (item[1], item[0]))
+        merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in model.get("merges") or []]
+        return _sha256_of({"type": model.get("type"), "vocab": vocab, "merges": merges})
+
 
 class SentencePieceTokenizer(Tokenizer):
     def __init__(self, path: str) -> None:
@@ -103,6 +125,7 @@ class SentencePieceTokenizer(Tokenizer):
             raise DataError(f"{path}: not a sentencepiece model ({str(err).splitlines()[0]})") from None
         self.path = str(path)
         self.vocab_size = self._processor.get_piece_size()
+        self.max_id = self.vocab_size - 1
         self.eod_id = self._processor.eos_id()
         if self.eod_id < 0:
             raise DataError(f"{path}: the sentencepiece model has no eos piece to use as end-of-document")
@@ -112,6 +135,11 @@ class SentencePieceTokenizer(Tokenizer):
 
     def decode_batch(self, id_lists: list[list[int]]) -> list[str]:
         return self._processor.decode(id_lists)
+
+    def fingerprint(self) -> str:
+        """Over every piece and its score, in id order."""
+        pieces = [(self._processor.id_to_piece(i), self._processor.get_score(i)) for i in range(self.vocab_size)]
+        return _sha256_of({"type": "sentencepiece", "pieces": pieces})
 
 
 TOKENIZER_TYPES = {"HuggingFaceTokenizer": HuggingFaceTokenizer, "SentencePieceTokenizer": SentencePieceTokenizer}
