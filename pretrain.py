@@ -32,9 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, args.overrides)
         from megapico.convert.retention import retention_hook
+        from megapico.publish.background import BackgroundPublisher
         from megapico.training.trainer import pretrain  # deepspeed is imported only once the config is valid
 
-        pretrain(config, after_checkpoint=retention_hook(config))
+        pretrain(config, after_checkpoint=retention_hook(config), publisher=BackgroundPublisher.from_config(config))
     except (ConfigError, DataError, LaunchError, CheckpointError, CheckpointIntegrityError, UnsafeCacheError,
             RunLockedError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

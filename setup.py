@@ -17,7 +17,8 @@ setup(
         "sentencepiece>=0.2",
         "tokenizers>=0.20",
         "tiktoken>=0.7,<1",  # exact, faster encoder for byte-level BPE files (megapico/data/bytelevel_bpe.py)
-        "transformers>=4.45",
+        "transformers>=5.0",  # huggingface_hub >= 1.0 (publishing) needs transformers 5
+        "huggingface_hub>=1.0",
         "safetensors>=0.4",
         "wandb>=0.18",
         "omegaconf>=2.3",

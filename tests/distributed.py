@@ -160,9 +160,11 @@ def _train(rank, world_size, overrides, capture, fault=None, config_path=None):
 
     trainer.build_engine = recording_build
     from megapico.convert.retention import retention_hook
+    from megapico.publish.background import BackgroundPublisher
 
-    config = load_config(config_path, overrides)
-    result = trainer.pretrain(config, after_checkpoint=retention_hook(config))
+    config = load_config(config_path, overrides)  # then what pretrain.py does
+    result = trainer.pretrain(config, after_checkpoint=retention_hook(config),
+                              publisher=BackgroundPublisher.from_config(config))
     facts = {}
     if capture == "zero_partition":
         optimizer = engines[0].optimizer

@@ -166,6 +166,8 @@ def validate_config(config: MegapicoConfig, world_size: int | None = None) -> No
     if config.checkpointing.save_to_hf and not re.fullmatch(r"[A-Za-z0-9._-]+/[A-Za-z0-9._-]+", hub.repo_id):
         raise ConfigError(f"checkpointing.save_to_hf needs checkpointing.hf_checkpoint.repo_id=ORG/NAME, got "
                           f"'{hub.repo_id}'")
+    if hub.retries < 1:
+        raise ConfigError(f"checkpointing.hf_checkpoint.retries must be >= 1, got {hub.retries}")
     if config.checkpointing.keep_last < 0:
         raise ConfigError(f"checkpointing.keep_last must be >= 0 (0 keeps every checkpoint), got "
                           f"{config.checkpointing.keep_last}")

@@ -93,6 +93,10 @@ class RunLogger:
             self.warn(f"wandb failed in {what} ({type(err).__name__}: {reason}); continuing without wandb, "
                       f"metrics.jsonl has every record")
 
+    def record_event(self, step: int, event: str, message: str) -> None:
+        """A warning the run went on past (a failing Hub), kept in metrics.jsonl beside the numbers."""
+        self._append([{"step": step, "event": event, "message": message}])
+
     def record_launch(self, step: int, resumed: bool, layout: str, global_batch: int) -> None:
         """Mark where each launch starts in metrics.jsonl (tools/plot_run.py draws resumes and layout changes)."""
         self._append([{"step": step, "event": "resume" if resumed else "start", "layout": layout,

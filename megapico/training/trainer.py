@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import deepspeed
 import torch
@@ -73,6 +74,17 @@ from megapico.training.schedule import build_lr_scheduler, lr_at
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class CheckpointPublisher(Protocol):
+    """What training asks of a publisher (megapico.publish.BackgroundPublisher, handed in by pretrain.py): told of
+    each complete checkpoint, polled at step ends, closed at the end; none of the three may block on the network."""
+
+    def checkpoint_saved(self) -> None: ...
+
+    def poll(self) -> list[str]: ...
+
+    def close(self, timeout_s: float) -> list[str]: ...
 
 
 @dataclass
@@ -223,9 +235,12 @@ def _hold_run_directory(run_dir: Path) -> RunLock | None:
     return lock
 
 
-def pretrain(config: MegapicoConfig, after_checkpoint: Callable[[Path], list[str]] | None = None) -> TrainResult:
+def pretrain(config: MegapicoConfig, after_checkpoint: Callable[[Path], list[str]] | None = None,
+             publisher: CheckpointPublisher | None = None) -> TrainResult:
     """Train per `config`. after_checkpoint(checkpoints_root) runs on rank 0 after each checkpoint is complete (the
-    retention of checkpointing.keep_last, wired by pretrain.py) and returns lines to print. The run directory is
+    retention of checkpointing.keep_last, wired by pretrain.py) and returns lines to print; `publisher` (rank 0's,
+    checkpointing.save_to_hf) is told of each complete checkpoint and publishes it off the training path. The run
+    directory is
     held for the run's lifetime (megapico/checkpoint/run_lock.py); one this launch created is removed again if the
     start fails before the first step."""
     init_distributed()
@@ -235,9 +250,12 @@ def pretrain(config: MegapicoConfig, after_checkpoint: Callable[[Path], list[str
     created = not run_dir.exists()
     lock = _hold_run_directory(run_dir)
     progress = {"started": False}
+    publisher = publisher if dist.get_rank() == 0 else None
     try:
-        return _pretrain(config, parallel, run_dir, lock, progress, after_checkpoint)
+        return _pretrain(config, parallel, run_dir, lock, progress, after_checkpoint, publisher)
     except BaseException:
+        for line in publisher.close(0.0) if publisher is not None else []:  # the tool completes it later
+            print(line, flush=True)
         if dist.get_rank() == 0 and created and not progress["started"]:
             shutil.rmtree(run_dir, ignore_errors=True)
             lock = None
@@ -248,7 +266,8 @@ def pretrain(config: MegapicoConfig, after_checkpoint: Callable[[Path], list[str
 
 
 def _pretrain(config: MegapicoConfig, parallel: ParallelState, run_dir: Path, lock: RunLock | None,
-              progress: dict, after_checkpoint: Callable[[Path], list[str]] | None) -> TrainResult:
+              progress: dict, after_checkpoint: Callable[[Path], list[str]] | None,
+              publisher: CheckpointPublisher | None) -> TrainResult:
     train, data = config.training, config.data
     for unfinished in unfinished_checkpoints(config) if dist.get_rank() == 0 else []:
         print(f"warning: {unfinished}: a half-written checkpoint (no manifest.json: its save did not finish); it "
@@ -324,6 +343,8 @@ def _pretrain(config: MegapicoConfig, parallel: ParallelState, run_dir: Path, lo
             print(f"checkpoint {directory}: {disk_bytes(directory) / 2**20:,.1f} MiB", flush=True)
             for line in after_checkpoint(checkpoint_root(config)) if after_checkpoint else []:
                 print(line, flush=True)
+            if publisher is not None:
+                publisher.checkpoint_saved()
         dist.barrier()
 
     def run_eval(step: int) -> None:
@@ -346,9 +367,11 @@ def _pretrain(config: MegapicoConfig, parallel: ParallelState, run_dir: Path, lo
         logger.warn(f"step {start_step}: capturing the learning dynamics the stop left out")
         capture_dynamics(start_step)
         write_manifest(checkpoint_root(config) / resumed.tag, parallel.tp_size)
+    if resumed is not None and publisher is not None:
+        publisher.checkpoint_saved()  # continue what a killed launch left unpublished
     progress["started"] = True
     logger.start_clock()
-    first_step_started = time.perf_counter()
+    first_step_started, stop_reason = time.perf_counter(), None
     for step in range(start_step + 1, train.max_steps + 1):
         step_loss = torch.zeros((), device=engine.device)  # stays on the device: no host sync in the step
         for _ in range(train.gradient_accumulation_steps):
@@ -371,6 +394,9 @@ def _pretrain(config: MegapicoConfig, parallel: ParallelState, run_dir: Path, lo
         stop_reason = stop.agreed()
         if lock is not None:
             lock.beat()
+        for warning in publisher.poll() if publisher is not None else []:
+            logger.warn(warning)
+            logger.record_event(step, "publish warning", warning)
         exiting = bool(train.exit_interval) and step % train.exit_interval == 0
         saving = step % config.checkpointing.save_interval == 0 or is_last or exiting or stop_reason is not None
         printing = step % config.logging.log_interval == 0 or is_last or step == start_step + 1
@@ -397,6 +423,10 @@ def _pretrain(config: MegapicoConfig, parallel: ParallelState, run_dir: Path, lo
             break
     stop.restore()
     result.losses.update(logger.flush(None, None, printing=False))
+    if publisher is not None:  # after a stop, exit promptly: tools/publish_run.py completes it
+        wait = 0.0 if stop_reason is not None else config.checkpointing.hf_checkpoint.wait_at_end_s
+        for line in publisher.close(wait):
+            print(line, flush=True)
     logger.finish()
     return result
 
