@@ -1,7 +1,7 @@
 """Graceful stop wherever the signal lands: SIGTERM on some ranks, to the whole job, or to one launcher's pid; a
 launcher SIGKILLed (the deepspeed runner, torchrun's agent, Open MPI's mpirun, SLURM's srun); a console that goes
 with its launcher. Open MPI and SLURM tests run where `mpirun` / a SLURM cluster exist (scripts/ci_launchers.sh
-installs both on a Debian machine; the README's signal table was measured with them)."""
+installs both on a Debian machine; the signal table of docs/preemption.md was measured with them)."""
 
 import json
 import os
@@ -183,7 +183,7 @@ def test_a_sigkilled_launcher_leaves_no_rank_running(sample_prefix, tmp_path, la
                                       pytest.param("srun", marks=needs_slurm)])
 def test_sigusr1_to_the_launcher_reaches_the_ranks_which_save_and_exit_0(sample_prefix, tmp_path, launcher):
     """mpirun and srun forward SIGUSR1 to their ranks and wait for them: the way to preempt either by its pid
-    (their SIGTERM kills the ranks within 1-2 s or at once; README, Preemption)."""
+    (their SIGTERM kills the ranks within 1-2 s or at once; docs/preemption.md)."""
     command = _mpirun(40500) if launcher == "mpirun" else _srun(tmp_path)
     output, code = _run_and_stop(command, _long_run(sample_prefix, tmp_path), tmp_path,
                                  lambda process: os.kill(process.pid, signal.SIGUSR1))
@@ -207,7 +207,7 @@ def test_scancel_reaches_the_ranks_which_save_and_exit_0(sample_prefix, tmp_path
 @needs_slurm
 def test_a_sigkilled_srun_takes_its_ranks_with_it(sample_prefix, tmp_path):
     """SLURM's slurmstepd kills the step's tasks at once when srun is gone: no rank outlives it (and none can
-    save; README, Preemption)."""
+    save; docs/preemption.md)."""
     output, code = _run_and_stop(_srun(tmp_path), _long_run(sample_prefix, tmp_path), tmp_path,
                                  lambda process: os.kill(process.pid, signal.SIGKILL))
     assert code == -signal.SIGKILL and "checkpoint of step" not in output

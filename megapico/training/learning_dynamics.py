@@ -7,7 +7,7 @@ decoded text); the val split is every sequence of the learning-dynamics eval set
 attention.v_proj, attention.o_proj and swiglu.w_2 of every layer: the module output at the last position of each
 sequence ([sequences, out_features]), the weight, and the weight's gradient of the mean token loss over the whole
 split; fp32, keyed `layers.{i}.{suffix}`. (pico-train's own gradient is the sum of its extraction sub-batches'
-mean losses, i.e. ours times the number of sub-batches when they are of equal size; see the README.)
+mean losses, i.e. ours times the number of sub-batches when they are of equal size; see docs/pico-parity.md.)
 
 The work runs on a separate probe built from the fp32 weights being trained (in a bf16 run: the ZeRO masters), so
 DeepSpeed's gradient hooks and partitions are untouched and step 0 is pico's initial model exactly. Its precision
