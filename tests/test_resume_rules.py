@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 from conftest import REPO
@@ -120,3 +121,21 @@ def test_start_mistakes_are_one_line_and_leave_nothing(sample_prefix, saved_run,
 def test_a_bare_path_is_a_one_element_list():
     config = load_config(None, ["data.train_data_path=../x", "data.eval_data_path=[a,b]"])
     assert config.data.train_data_path == ["../x"] and config.data.eval_data_path == ["a", "b"]
+
+
+def test_a_failing_wandb_is_one_warning_and_training_goes_on(capsys):
+    """wandb's service gone (what DeepSpeed's launcher did to it on Ctrl-C): the next log call warns once and the
+    logger carries on without wandb."""
+    from megapico.training.logger import RunLogger
+
+    logger = RunLogger.__new__(RunLogger)
+    logger.is_writer = True
+
+    def lost(*_args, **_kwargs):
+        raise ConnectionResetError("Connection lost")
+
+    logger.wandb = types.SimpleNamespace(log=lost, finish=lost)
+    logger._wandb_call("log", lambda: logger.wandb.log({"train/loss": 1.0}, step=1))
+    assert logger.wandb is None
+    assert capsys.readouterr().out == ("warning: wandb failed in log (ConnectionResetError: Connection lost); "
+                                       "continuing without wandb, metrics.jsonl has every record\n")
