@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,10 +109,17 @@ def test_preflight_data_checks(sample_prefix, tmp_path):
         return load_config(None, [f"data.train_data_path=[{sample_prefix}]", f"data.tokenizer={TOKENIZER}", *extra])
 
     check_data_fits_model(config())
-    with pytest.raises(ConfigError, match="tokenizer has 50280 tokens but model.vocab_size is 1024"):
+    with pytest.raises(DataError, match="its ids reach 50279, the model's vocab_size is 1024"):
         check_data_fits_model(config("model.vocab_size=1024"))
-    with pytest.raises(DataError, match=r"sample_text_document.bin: token id 50279 >= model.vocab_size 1024"):
+    with pytest.raises(DataError, match=r"sample_text_document: its token ids reach 50279 \(.*megapico.json\), the "
+                                        r"model's vocab_size is 1024"):
         check_data_fits_model(config("model.vocab_size=1024", "data.tokenizer=''"))
+    Path(f"{sample_prefix}.megapico.json").rename(tmp_path / "record.json")  # data built elsewhere: the id scan
+    try:
+        with pytest.raises(DataError, match=r"sample_text_document.bin: token id 50279 >= model.vocab_size 1024"):
+            check_data_fits_model(config("model.vocab_size=1024", "data.tokenizer=''"))
+    finally:
+        (tmp_path / "record.json").rename(f"{sample_prefix}.megapico.json")
     with pytest.raises(DataError, match=r"nowhere.idx: missing \(build it with tools/preprocess_data.py"):
         check_data_fits_model(config(f"data.train_data_path=[{tmp_path}/nowhere]"))
 
