@@ -248,3 +248,8 @@ def test_generate_tool_from_a_tp2_dp2_checkpoint_equals_the_hf_export(run, tmp_p
     assert capsys.readouterr().out == sampled  # seeded
     assert generate_main(["--checkpoint", str(tmp_path / "missing"), "--prompt", "x"]) == 1
     assert "no such checkpoint" in capsys.readouterr().err
+    big = Tokenizer(models.WordLevel({f"t{i}": i for i in range(60_000)}, unk_token="t0"))  # not the model's
+    big.save(str(tmp_path / "big.json"))
+    assert generate_main(["--checkpoint", str(step), "--prompt", "t59999", "--tokenizer",
+                          str(tmp_path / "big.json")]) == 1
+    assert "the prompt encodes to id 59999, beyond the model's vocab_size 50304" in capsys.readouterr().err

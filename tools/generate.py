@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         prompt_ids = tokenizer.encode(args.prompt)
         if not prompt_ids:
             raise CheckpointError("--prompt encodes to no tokens; give some text")
+        if max(prompt_ids) >= model.config.vocab_size:
+            raise CheckpointError(f"{args.tokenizer or tokenizer_path}: the prompt encodes to id {max(prompt_ids)}, "
+                                  f"beyond the model's vocab_size {model.config.vocab_size}; this is not the model's "
+                                  f"tokenizer (pass the run's with --tokenizer)")
         eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
         new_ids = sample(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_p, args.seed,
                          eos if isinstance(eos, int) and eos != tokenizer.unk_token_id else None)
