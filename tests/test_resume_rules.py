@@ -2,7 +2,9 @@
 one line before any work (another model, another schedule, a failed start, no config, a bare path for a list)."""
 
 import json
+import multiprocessing
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from conftest import REPO
 from conftest import training_overrides as overrides
 from distributed import train
 
+from megapico.checkpoint import run_lock
 from megapico.checkpoint.run_lock import LOCK_FILE
 from megapico.config import load_config
 
@@ -26,9 +29,11 @@ def consumed_at(tmp_path, step):
 
 
 def test_a_resume_at_another_layout_keeps_the_global_batch_and_is_the_same_run(sample_prefix, tmp_path, capfd):
-    """DP=2 x micro 2 x accumulation 2 (global 8) stopped at step 2, resumed at DP=1 with the same YAML values:
-    accumulation becomes 4, and the losses are an uninterrupted DP=2 run's."""
-    settings = {"training.micro_batch_size": 2, "training.gradient_accumulation_steps": 2, "training.max_steps": 4}
+    """DP=2 x micro 2 x accumulation 2 (global 8) stopped at step 2, resumed at DP=1 with the same YAML values
+    (training.global_batch_size stated, as in the recipes): accumulation becomes 4, and the losses are an
+    uninterrupted DP=2 run's."""
+    settings = {"training.micro_batch_size": 2, "training.gradient_accumulation_steps": 2, "training.max_steps": 4,
+                "training.global_batch_size": 8}  # stated, as the 16-GPU recipes do
     first = train(2, overrides(sample_prefix, tmp_path, **settings, **{"training.exit_interval": 2}), tmp_path)
     resumed = train(1, overrides(sample_prefix, tmp_path, **settings), tmp_path)
     out = capfd.readouterr().out
@@ -45,7 +50,7 @@ def test_a_resume_at_another_layout_keeps_the_global_batch_and_is_the_same_run(s
                                         r"training.micro_batch_size=3 \(8 is not a multiple of 3\); set "
                                         r"training.micro_batch_size to a divisor of 8"):
         train(1, overrides(sample_prefix, tmp_path, **{**settings, "training.micro_batch_size": 3,
-                                                       "training.max_steps": 4}), tmp_path)
+                                                       "training.global_batch_size": 0}), tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +86,7 @@ def test_a_live_run_holds_its_directory_and_a_gone_one_is_taken_over(sample_pref
         import psutil
 
         lock.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "since": "2026-12-05T00:00:00",
+                                    "where": run_lock._where(),
                                     "process_started": psutil.Process(holder.pid).create_time(),
                                     "heartbeat": time.time()}))
         before = sorted(str(p) for p in run_dir.rglob("*"))
@@ -139,3 +145,54 @@ def test_a_failing_wandb_is_one_warning_and_training_goes_on(capsys):
     assert logger.wandb is None
     assert capsys.readouterr().out == ("warning: wandb failed in log (ConnectionResetError: Connection lost); "
                                        "continuing without wandb, metrics.jsonl has every record\n")
+
+
+def test_a_schedule_changed_on_purpose_is_the_new_schedule_at_the_same_layout(sample_prefix, saved_run, tmp_path):
+    """change_schedule_on_resume with a new lr: the loaded scheduler's old lr gives way to the new one, as in a
+    fresh run of the new schedule (the same layout loads DeepSpeed's scheduler state, which holds the old one)."""
+    shutil.copytree(saved_run / "runs", tmp_path / "runs")
+    changed = {"training.max_steps": 4, "training.lr": 1e-3, "training.change_schedule_on_resume": True}
+    train(1, overrides(sample_prefix, tmp_path, **changed), tmp_path)
+    train(1, overrides(sample_prefix, tmp_path / "fresh", **changed), tmp_path)
+
+    def lrs(root):
+        records = [json.loads(line) for line in root.joinpath(*RUN, "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["trainer/learning_rate"] for r in records if "trainer/learning_rate" in r}
+
+    resumed, fresh = lrs(tmp_path), lrs(tmp_path / "fresh")
+    assert [resumed[s] for s in (3, 4)] == pytest.approx([fresh[s] for s in (3, 4)], rel=1e-6)
+
+
+def test_resume_false_among_an_earlier_runs_checkpoints_is_refused(sample_prefix, saved_run):
+    with pytest.raises(Exception, match=r"holds checkpoints of an earlier run \(newest step_\d+\); "
+                                        r"checkpointing.resume=false starts a new run"):
+        train(1, overrides(sample_prefix, saved_run, **{"training.max_steps": 2, "checkpointing.resume": "false"}),
+              saved_run)
+
+
+def _contend(directory, barrier, results):
+    from megapico.checkpoint.run_lock import RunLock, RunLockedError
+
+    barrier.wait()
+    try:
+        RunLock(directory).acquire()
+        results.put("won")
+    except RunLockedError:
+        results.put("refused")
+
+
+def test_two_launches_at_once_never_both_hold_the_run(tmp_path):
+    context = multiprocessing.get_context("fork")
+    for trial in range(10):
+        directory = tmp_path / f"run{trial}"
+        if trial % 2:  # the second half: both find a dead holder's lock and race to take it over
+            directory.mkdir()
+            (directory / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 7,
+                                                           "where": run_lock._where(), "heartbeat": time.time()}))
+        barrier, results = context.Barrier(2), context.Queue()
+        contenders = [context.Process(target=_contend, args=(directory, barrier, results)) for _ in range(2)]
+        for process in contenders:
+            process.start()
+        for process in contenders:
+            process.join(30)
+        assert sorted(results.get(timeout=5) for _ in contenders) == ["refused", "won"], trial

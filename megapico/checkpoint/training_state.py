@@ -128,6 +128,11 @@ def _candidates(config: MegapicoConfig) -> list[str]:
     """Tags to try, best first: the one checkpointing.resume names, or `latest` then every older step_N."""
     mode, root = config.checkpointing.resume, checkpoint_root(config)
     if mode == "false":
+        earlier = sorted((path.name for path in root.glob("step_*") if path.is_dir()), key=step_of)
+        if earlier:  # a new run among an old one's checkpoints: retention, `latest` and conversion would mix them
+            raise CheckpointIntegrityError(f"{root}: holds checkpoints of an earlier run (newest {earlier[-1]}); "
+                                           f"checkpointing.resume=false starts a new run, so move them away or "
+                                           f"choose another checkpointing.run_name")
         return []
     if mode.startswith("step_"):
         return [mode]
@@ -181,7 +186,7 @@ def agreed_resume_point(config: MegapicoConfig) -> ResumePoint | None:
                                        f"use resume=auto to start fresh when there is none")
     if rejected:
         raise CheckpointIntegrityError(f"no checkpoint in {root} verifies (newest: {rejected[0]}); move the damaged "
-                                       f"ones away or set checkpointing.resume=false to start over")
+                                       f"ones away to start over, or name one with checkpointing.resume=step_N")
     return None
 
 

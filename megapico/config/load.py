@@ -134,8 +134,9 @@ def validate_model(model: ModelConfig, parallel: ParallelConfig | None = None) -
                               f"parallel.tensor_parallel_size={tp}; pick a TP size that divides it")
 
 
-def validate_config(config: MegapicoConfig, world_size: int | None = None) -> None:
-    """Cross-field checks, done once. With world_size, also the DP layout and the batch arithmetic."""
+def validate_config(config: MegapicoConfig, world_size: int | None = None, batch: bool = True) -> None:
+    """Cross-field checks, done once. With world_size, also the DP layout and (unless batch=False: a resume first
+    derives the accumulation that keeps the run's global batch) the batch arithmetic."""
     validate_model(config.model, config.parallel)
     run_name = config.checkpointing.run_name
     if not re.fullmatch(r"[A-Za-z0-9._-]+", run_name) or run_name in (".", ".."):  # it becomes one path component
@@ -180,7 +181,7 @@ def validate_config(config: MegapicoConfig, world_size: int | None = None) -> No
         if world_size % tp:
             raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor_parallel_size={tp}")
         derived = train.micro_batch_size * train.gradient_accumulation_steps * (world_size // tp)
-        if train.global_batch_size not in (0, derived):
+        if batch and train.global_batch_size not in (0, derived):
             raise ConfigError(
                 f"training.global_batch_size={train.global_batch_size} != micro_batch_size "
                 f"{train.micro_batch_size} x gradient_accumulation_steps {train.gradient_accumulation_steps} x "

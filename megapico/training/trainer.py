@@ -25,7 +25,7 @@ from megapico.checkpoint.reshard import (
     read_full_state,
     write_local_state_into_engine,
 )
-from megapico.checkpoint.run_lock import RunLock, RunLockedError
+from megapico.checkpoint.run_lock import STALE_S, RunLock, RunLockedError
 from megapico.checkpoint.training_state import (
     ResumePoint,
     agreed_resume_point,
@@ -162,6 +162,9 @@ def _resume(engine, scheduler, config: MegapicoConfig, parallel: ParallelState, 
     root = checkpoint_root(config)
     if (point.tensor_parallel_size, point.data_parallel_size) == (parallel.tp_size, parallel.dp_size):
         engine.load_checkpoint(str(root), tag=point.tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if config.training.change_schedule_on_resume:  # the loaded scheduler holds the old lr: take the new one
+            scheduler.base_lrs = [config.training.lr for _ in scheduler.base_lrs]
+            set_schedule_position(engine, scheduler, point.step, point.consumed_samples, config.training)
     else:  # another layout: full tensors from the saved shards, re-sharded for this one
         full = read_full_state(root / point.tag, point.tensor_parallel_size, point.data_parallel_size, point.bf16)
         load_full_state_into_engine(engine, full, parallel.tp_rank, parallel.tp_size)
@@ -217,17 +220,20 @@ def learning_dynamics_val_set(config: MegapicoConfig, eval_dataset) -> list:  # 
     return first_sequences(documents, len(documents))
 
 
-def _hold_run_directory(run_dir: Path) -> RunLock | None:
+def _hold_run_directory(config: MegapicoConfig, run_dir: Path) -> RunLock | None:
     """Rank 0 takes the run directory's lock; every rank raises the same RunLockedError when a live run holds it."""
     lock, outcome = None, [None]
     if dist.get_rank() == 0:
-        lock = RunLock(run_dir)
+        hub = config.checkpointing.hf_checkpoint  # the end of a run may wait that long for uploads, without beats
+        lock = RunLock(run_dir, STALE_S + (hub.wait_at_end_s if config.checkpointing.save_to_hf else 0.0))
         try:
             taken_over = lock.acquire()
             if taken_over:
                 print(f"warning: {taken_over}", flush=True)
         except RunLockedError as err:
             outcome = [str(err)]
+        except OSError as err:  # a file where the run directory should be, no permission: every rank stops alike
+            outcome = [f"{run_dir}: cannot take the run directory ({type(err).__name__}: {err.strerror or err})"]
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(outcome, src=0)
     if outcome[0] is not None:
@@ -244,11 +250,11 @@ def pretrain(config: MegapicoConfig, after_checkpoint: Callable[[Path], list[str
     held for the run's lifetime (megapico/checkpoint/run_lock.py); one this launch created is removed again if the
     start fails before the first step."""
     init_distributed()
-    validate_config(config, world_size=dist.get_world_size())
+    validate_config(config, world_size=dist.get_world_size(), batch=False)  # whole once the resume point is known
     parallel = ParallelState.build(config.parallel.tensor_parallel_size)
     run_dir = Path(config.checkpointing.runs_dir) / config.checkpointing.run_name
     created = not run_dir.exists()
-    lock = _hold_run_directory(run_dir)
+    lock = _hold_run_directory(config, run_dir)
     progress = {"started": False}
     publisher = publisher if dist.get_rank() == 0 else None
     try:
@@ -273,11 +279,10 @@ def _pretrain(config: MegapicoConfig, parallel: ParallelState, run_dir: Path, lo
         print(f"warning: {unfinished}: a half-written checkpoint (no manifest.json: its save did not finish); it "
               f"is not resumed from, and is replaced when its step is saved again", flush=True)
     point = agreed_resume_point(config)
-    if point is not None:
-        lines = continue_the_saved_run(config, point, parallel.dp_size)
-        validate_config(config, world_size=dist.get_world_size())
-        for line in lines if dist.get_rank() == 0 else []:
-            print(f"resume: {line}", flush=True)
+    lines = continue_the_saved_run(config, point, parallel.dp_size) if point is not None else []
+    validate_config(config, world_size=dist.get_world_size())
+    for line in lines if dist.get_rank() == 0 else []:
+        print(f"resume: {line}", flush=True)
     if dist.get_rank() == 0:
         print(config_to_yaml(config), flush=True)
         save_config(config, run_dir / "config.yaml")
@@ -392,8 +397,8 @@ def _pretrain(config: MegapicoConfig, parallel: ParallelState, run_dir: Path, lo
         is_last = step == train.max_steps
         evaluating = (config.evaluation.interval and step % config.evaluation.interval == 0) or is_last
         stop_reason = stop.agreed()
-        if lock is not None:
-            lock.beat()
+        if lock is not None and (trouble := lock.beat()):
+            logger.warn(trouble)
         for warning in publisher.poll() if publisher is not None else []:
             logger.warn(warning)
             logger.record_event(step, "publish warning", warning)
@@ -417,6 +422,9 @@ def _pretrain(config: MegapicoConfig, parallel: ParallelState, run_dir: Path, lo
             logger.warn(f"step {step}: {stop_reason}; checkpoint of step {step} saved, exiting (rerun the same "
                         f"command to resume)")
             break
+        if stop_reason is not None:  # the last step: the run is complete, its final evaluation and dynamics are not
+            logger.warn(f"step {step}: {stop_reason} during the last step; its checkpoint is saved without the final "
+                        f"evaluation and learning dynamics (rerun the same command to capture the dynamics)")
         if exiting and not is_last:
             logger.warn(f"step {step}: training.exit_interval={train.exit_interval} reached; checkpoint saved, "
                         f"exiting (rerun the same command to resume)")
