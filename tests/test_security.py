@@ -10,6 +10,7 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import REPO
@@ -226,3 +227,68 @@ def test_a_received_config_is_never_interpolated(megapico_run, tmp_path, monkeyp
     write_manifest(step, 1, collective=False)
     with pytest.raises(ConfigError, match=r"'checkpointing.run_name' is an interpolation"):
         load_checkpoint(step)
+
+
+class RawPointers:
+    """numpy's own constructor, called with the sender's bytes: an object array whose pointers are 0x4141..."""
+
+    def __reduce__(self):
+        return np.ndarray, ((2,), "O", b"A" * 16)
+
+
+@needs_pico_checkpoints
+def test_numpy_in_a_pico_one_device_file_is_inert(tmp_path, capsys):
+    """numpy's globals are what pico-train's one-device file legitimately names (its RNG state); a sender can call
+    them with its own bytes. They are read as inert stand-ins: the importer says the layout is wrong instead of
+    dereferencing the sender's pointers (which crashed the process)."""
+    from convert_from_pico_train import main as convert
+
+    checkpoint = tmp_path / "step_4"
+    shutil.copytree(PICO_CHECKPOINTS / "one-device-fp32" / "step_4", checkpoint, ignore=shutil.ignore_patterns("*.pt"))
+    state = torch.load(PICO_CHECKPOINTS / "one-device-fp32" / "step_4" / "fabric_state" / "checkpoint.pt",
+                       weights_only=False)
+    state["_optimizer"]["param_groups"] = RawPointers()
+    state["_rng_states"]["numpy"] = RawPointers()
+    torch.save(state, checkpoint / "fabric_state" / "checkpoint.pt")
+    settings = [item for item in pico_recipe(("rows", "paloma"), tmp_path, "fp32") if not item.startswith("checkp")]
+    assert convert([str(checkpoint), "--output", str(tmp_path / "runs" / "imported"), *settings]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "not the layout of pico-train's one-device checkpoint" in error and "\n" not in error, error
+    loaded = read_checkpoint_file(checkpoint / "fabric_state" / "checkpoint.pt")
+    assert type(loaded["_rng_states"]["numpy"]).__name__ == "InertNumpy"
+
+
+def test_links_planted_in_a_received_run_steer_nothing(megapico_run, sample_prefix, tmp_path, capsys):
+    """A link for a directory the run writes into (checkpoints/), at a temporary name a write would use, or in a
+    pruned checkpoint's export: training and conversion refuse the run, nothing outside it changes; a learning-dynamics
+    pickle that would run code is not passed on to pico-analyze."""
+    step = received_copy(megapico_run, tmp_path)
+    run_dir = step.parent.parent
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("mine")
+
+    # a temporary name a write could use: writes create their own, under a random name
+    (run_dir / f".config.yaml.tmp-{os.getpid()}").symlink_to(victim / "precious")
+    save_config(load_config(None, []), run_dir / "config.yaml")
+    assert (victim / "precious").read_text() == "mine"
+    (run_dir / f".config.yaml.tmp-{os.getpid()}").unlink()
+
+    # a pickle in learning_dynamics/ that no manifest lists
+    (step / "learning_dynamics").mkdir(exist_ok=True)
+    torch.save({"w": torch.zeros(1), "extra": Payload(tmp_path / "ran")}, step / "learning_dynamics" / "more.pt")
+    assert to_hf_main(["--run-dir", str(run_dir), "--output", str(tmp_path / "out")]) == 1
+    assert "more.pt: refused, it asks to load the Python global posix.system" in capsys.readouterr().err
+    (step / "learning_dynamics" / "more.pt").unlink()
+
+    # checkpoints/ itself a link into someone else's run
+    shutil.move(run_dir / "checkpoints", victim / "checkpoints")
+    (run_dir / "checkpoints").symlink_to(victim / "checkpoints")
+    before = sorted(str(p) for p in victim.rglob("*"))
+    with pytest.raises(Exception, match=r"checkpoints: a symbolic link \(to .*victim/checkpoints\); a run directory "
+                                        r"holds plain files"):
+        train(1, overrides(sample_prefix, tmp_path, **{"training.max_steps": 3, "training.micro_batch_size": 2,
+                                                       "training.change_schedule_on_resume": True}), tmp_path)
+    assert to_hf_main(["--run-dir", str(run_dir), "--output", str(tmp_path / "out")]) == 1
+    assert "checkpoints: a symbolic link" in capsys.readouterr().err
+    assert sorted(str(p) for p in victim.rglob("*")) == before and not (tmp_path / "ran").exists()

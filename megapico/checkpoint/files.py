@@ -21,10 +21,25 @@ import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from megapico.checkpoint.paths import CheckpointError
+
+
+class InertNumpy:
+    """What numpy's globals become when a pico-train one-device file is read. Lightning keeps its numpy RNG state
+    there, which megapico never uses; the real constructors, called by a hostile pickle with its own bytes, build
+    object arrays of raw pointers (a crash, or worse, when touched). This accepts and keeps nothing."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+
+NUMPY_GLOBALS = ("numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct", "numpy.ndarray",
+                 "numpy.dtype", "numpy.dtypes.UInt32DType")
 
 
 @functools.cache
@@ -34,12 +49,10 @@ def allowed_globals() -> dict[str, list]:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    reconstruct = np._core.multiarray._reconstruct if hasattr(np, "_core") else np.core.multiarray._reconstruct
     return {
-        # Lightning Fabric's one-device save: the numpy RNG state inside _rng_states (numpy 2 names; numpy 1 files
-        # name the same function numpy.core.multiarray._reconstruct)
-        "pico one-device": [reconstruct, (reconstruct, "numpy.core.multiarray._reconstruct"), np.ndarray, np.dtype,
-                            type(np.dtype(np.uint32))],
+        # Lightning Fabric's one-device save: the numpy RNG state inside _rng_states (numpy 1 and 2 names), read as
+        # inert stand-ins
+        "pico one-device": [(InertNumpy, name) for name in NUMPY_GLOBALS],
         "zero partition": [LossScaler, ZeroStageEnum, fragment_address],
         "model states": [],
         "rng": [],

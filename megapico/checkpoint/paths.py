@@ -10,6 +10,7 @@ must resolve inside its root, copies refuse symbolic links, and files are writte
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,15 +57,53 @@ def copy_tree(source: Path, target: Path) -> None:
     shutil.copytree(source, target, symlinks=True)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextmanager
 def replacing(path: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path` to write; it is renamed onto `path` when the block succeeds."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Yield a new temporary sibling of `path` to write; it is renamed onto `path` when the block succeeds. The
+    temporary is created here, under a random name (a received directory cannot have planted a link at it), with
+    the permissions a plain new file would have."""
+    descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    os.fchmod(descriptor, 0o666 & ~_umask())
+    os.close(descriptor)
+    tmp = Path(name)
     try:
         yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def fresh_directory(path: Path) -> Iterator[Path]:
+    """Yield a new temporary sibling directory of `path` to fill (random name, created here, plain permissions);
+    the caller renames it into place, or it is removed."""
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    os.chmod(tmp, 0o777 & ~_umask())
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def refuse_links(run_dir: Path) -> None:
+    """A received run directory holds plain files and folders: a symbolic link anywhere in it (but inside wandb's
+    own folder, which keeps a `latest-run` link) would steer reads, writes or deletes elsewhere."""
+    if run_dir.is_symlink():
+        raise CheckpointError(f"{run_dir}: a symbolic link (to {os.readlink(run_dir)}); use the run directory itself")
+    for root, directories, files in os.walk(run_dir):
+        for name in [*directories, *files]:
+            path = Path(root) / name
+            if path.is_symlink():
+                raise CheckpointError(f"{path}: a symbolic link (to {os.readlink(path)}); a run directory holds plain "
+                                      f"files, refusing it (remove the link)")
+        if Path(root) == run_dir and "wandb" in directories:
+            directories.remove("wandb")
 
 
 def write_text(path: Path, text: str) -> None:

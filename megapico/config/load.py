@@ -6,6 +6,7 @@ Unknown keys and wrong types are errors (never silently dropped); cross-field fa
 
 import os
 import re
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -197,11 +198,15 @@ def save_config(config: MegapicoConfig, path: str | Path) -> None:
     replaced, never written through. (megapico.checkpoint.paths does the same for the run's other files; config
     sits below it in the package order.)"""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")  # a new file, random name
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(descriptor, 0o666 & ~mask)
     try:
-        tmp.write_text(config_to_yaml(config))
-        os.replace(tmp, path)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(config_to_yaml(config))
+        os.replace(name, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        Path(name).unlink(missing_ok=True)
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 import yaml
 
+from megapico.checkpoint.files import unexpected_global
 from megapico.checkpoint.manifest import is_pruned
-from megapico.checkpoint.paths import copy_tree, inside
+from megapico.checkpoint.paths import copy_tree, fresh_directory, inside, refuse_links
 from megapico.checkpoint.training_state import step_of
 from megapico.config import MegapicoConfig
 from megapico.convert.checkpoint_reader import (
@@ -40,15 +41,11 @@ def replacing_directory(output: Path, overwrite: bool) -> Iterator[Path]:
         raise CheckpointError(f"{output}: a symbolic link; refusing to replace what it points to (remove the link)")
     if output.exists() and not overwrite:
         raise CheckpointError(f"{output}: already exists (pass --overwrite to replace it)")
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with fresh_directory(output) as tmp:
         yield tmp
         if output.exists():
             shutil.rmtree(output)
         os.replace(tmp, output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @torch.no_grad()
@@ -147,6 +144,15 @@ def copy_pruned_export(source: Path, target: Path) -> None:
     shutil.copyfile(MODELLING_FILE, target / "pico_decoder.py")
 
 
+def copy_learning_dynamics(source: Path, target: Path) -> None:
+    """pico's learning-dynamics files, passed on to pico-analyze (whose torch.load may not be weights-only): every
+    pickle is scanned first, and one naming any global is refused."""
+    for path in sorted(source.rglob("*.pt")):
+        if refused := unexpected_global(path):
+            raise CheckpointError(refused)
+    copy_tree(source, target)
+
+
 def step_directories(run_dir: Path) -> list[Path]:
     root = run_dir / "checkpoints"
     steps = [path for path in root.glob("step_*") if (path / "megapico_state.json").is_file()]
@@ -159,6 +165,7 @@ def convert_run(run_dir: Path, output_root: Path, tokenizer: str | None = None, 
                 verify: bool = True, progress=None) -> Path:  # noqa: ANN001
     """Every checkpoint of a run -> {output_root}/{run_name}/ in pico's layout; returns that directory. A checkpoint
     pruned by checkpointing.keep_last contributes the verified HF export it kept."""
+    refuse_links(run_dir)  # a received run: nothing in it may point elsewhere
     steps = step_directories(run_dir)
     config, global_batch = checkpoint_config(steps[0])
     output_root.mkdir(parents=True, exist_ok=True)
@@ -175,7 +182,7 @@ def convert_run(run_dir: Path, output_root: Path, tokenizer: str | None = None, 
                 gap = export_checkpoint(checkpoint, out, "pico", tokenizer, verify=verify)
                 note = f"{checkpoint.source}; verified max |logit diff| {'skipped' if gap is None else f'{gap:.2e}'}"
             if (step_dir / "learning_dynamics").is_dir():
-                copy_tree(step_dir / "learning_dynamics", out / "learning_dynamics")
+                copy_learning_dynamics(step_dir / "learning_dynamics", out / "learning_dynamics")
             print(f"{step_dir.name}: {note}", flush=True)
         (tmp / "checkpoints" / "latest").symlink_to(steps[-1].name)
         if (run_dir / "eval_results").is_dir():

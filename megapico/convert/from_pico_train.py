@@ -117,7 +117,14 @@ def read_pico_train_checkpoint(directory: str | Path) -> PicoTrainCheckpoint:
     batch = json.loads((directory / "config.json").read_text()).get("batch_size")
     fabric = directory / "fabric_state"
     if (fabric / "checkpoint.pt").is_file():
-        full, options, step = _read_one_device(fabric / "checkpoint.pt")
+        try:
+            full, options, step = _read_one_device(fabric / "checkpoint.pt")
+        except (KeyError, TypeError, AttributeError, ValueError, IndexError) as err:
+            if isinstance(err, CheckpointError):
+                raise
+            raise CheckpointError(f"{fabric / 'checkpoint.pt'}: not the layout of pico-train's one-device checkpoint "
+                                  f"({type(err).__name__}: {str(err).splitlines()[0][:120] if str(err) else ''})"
+                                  ) from None
         layout = "one device (fabric_state/checkpoint.pt)"
     elif (fabric / "latest").is_file():
         full, options, step, layout = _read_deepspeed(fabric)

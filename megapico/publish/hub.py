@@ -29,7 +29,7 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ge
 from huggingface_hub.errors import HfHubHTTPError
 
 from megapico.checkpoint.manifest import MANIFEST, read_manifest, verify_checkpoint
-from megapico.checkpoint.paths import CheckpointError
+from megapico.checkpoint.paths import CheckpointError, refuse_links
 from megapico.checkpoint.training_state import STATE_FILE, step_of
 from megapico.convert.checkpoint_reader import PRUNED_EXPORT, checkpoint_config, load_checkpoint
 from megapico.convert.convert import export_checkpoint, pico_training_config
@@ -373,6 +373,7 @@ def publish_run(run_dir: Path, repo_id: str, branch: str | None = None, update_m
     if retries < 1:
         raise CheckpointError(f"retries={retries}: at least one attempt is needed")
     run_dir = Path(run_dir)
+    refuse_links(run_dir)  # a received run: nothing in it may point elsewhere, nor be uploaded from there
     checkpoints = run_checkpoints(run_dir)
     complete = [c for c in checkpoints if c.manifest is not None]
     if branch is None and complete:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from megapico.checkpoint.files import use_data_only_loads
 from megapico.checkpoint.manifest import disk_bytes, write_manifest
+from megapico.checkpoint.paths import CheckpointError, refuse_links
 from megapico.checkpoint.reshard import (
     gather_master_weights,
     load_full_state_into_engine,
@@ -227,10 +228,12 @@ def _hold_run_directory(config: MegapicoConfig, run_dir: Path) -> RunLock | None
         hub = config.checkpointing.hf_checkpoint  # the end of a run may wait that long for uploads, without beats
         lock = RunLock(run_dir, STALE_S + (hub.wait_at_end_s if config.checkpointing.save_to_hf else 0.0))
         try:
+            if run_dir.exists() or run_dir.is_symlink():
+                refuse_links(run_dir)  # a received run directory: no link may steer a write or a delete elsewhere
             taken_over = lock.acquire()
             if taken_over:
                 print(f"warning: {taken_over}", flush=True)
-        except RunLockedError as err:
+        except (RunLockedError, CheckpointError) as err:
             outcome = [str(err)]
         except OSError as err:  # a file where the run directory should be, no permission: every rank stops alike
             outcome = [f"{run_dir}: cannot take the run directory ({type(err).__name__}: {err.strerror or err})"]
