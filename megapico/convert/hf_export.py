@@ -46,7 +46,11 @@ def write_tokenizer(tokenizer_path: str, model: ModelConfig, out_dir: Path) -> N
     from tokenizers import Tokenizer
 
     file = tokenizer_json(tokenizer_path)
-    tokenizer = Tokenizer.from_file(str(file))
+    try:
+        tokenizer = Tokenizer.from_file(str(file))
+    except Exception as err:  # not a tokenizer file (a received config may name any path): say so, copy nothing
+        raise CheckpointError(f"{file}: not a tokenizers JSON file ({str(err).splitlines()[0][:120]}); pass "
+                              f"--tokenizer PATH") from None
     if tokenizer.get_vocab_size() > model.vocab_size:
         raise CheckpointError(f"{file}: tokenizer has {tokenizer.get_vocab_size()} tokens, more than the model's "
                               f"vocab_size {model.vocab_size}; it is not the tokenizer this model was trained with")
