@@ -196,3 +196,17 @@ def test_two_launches_at_once_never_both_hold_the_run(tmp_path):
         for process in contenders:
             process.join(30)
         assert sorted(results.get(timeout=5) for _ in contenders) == ["refused", "won"], trial
+
+
+def test_a_run_that_has_trained_nothing_takes_the_launchs_batch(sample_prefix, tmp_path, capfd):
+    """Step 0 alone (learning dynamics saved it; tools/convert_from_hf.py writes one at DP=1) holds no global batch
+    to keep: the first training launch at DP=2 trains micro 2 x accumulation 2 x DP 2 = 8, as configured."""
+    settings = {"training.micro_batch_size": 2, "training.gradient_accumulation_steps": 2,
+                "checkpointing.learning_dynamics.enabled": True, "checkpointing.learning_dynamics.batch_size": 4}
+    train(1, overrides(sample_prefix, tmp_path, **settings, **{"training.max_steps": 0,
+                                                                "training.lr_warmup_steps": 0}), tmp_path)
+    assert (tmp_path.joinpath(*RUN, "checkpoints", "latest")).read_text() == "step_0"
+    capfd.readouterr()
+    train(2, overrides(sample_prefix, tmp_path, **settings), tmp_path)
+    assert "keeping the run's global batch" not in capfd.readouterr().out
+    assert consumed_at(tmp_path, 5) == 5 * 8

@@ -210,6 +210,8 @@ def continue_the_saved_run(config: MegapicoConfig, point: ResumePoint, dp_size: 
             raise ConfigError(f"model.{name}={getattr(config.model, name)} but {where} was trained with {value}; "
                               f"resume with the checkpoint's model, or start another run (checkpointing.run_name)")
     train, lines = config.training, []
+    if point.consumed_samples == 0:  # nothing trained yet (step 0, e.g. tools/convert_from_hf.py): no batch to keep
+        return lines
     run_batch = saved.training.micro_batch_size * saved.training.gradient_accumulation_steps * point.data_parallel_size
     if train.global_batch_size not in (0, run_batch):
         lines.append(f"global batch {run_batch} -> {train.global_batch_size} (training.global_batch_size set)")
