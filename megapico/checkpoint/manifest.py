@@ -100,7 +100,7 @@ def verify_checkpoint(directory: Path, tp_size: int, full_hash: bool = True) -> 
     if manifest is None:
         return f"{directory / MANIFEST}: missing or unreadable (the save did not finish)"
     rank, world = _world()
-    problems = {}
+    problems, root = {}, directory.resolve()
     for name, expected in manifest["files"].items():
         try:
             relative_entry(name, directory / MANIFEST)
@@ -109,7 +109,7 @@ def verify_checkpoint(directory: Path, tp_size: int, full_hash: bool = True) -> 
         if owner_rank(Path(name).name, tp_size, world) != rank:
             continue
         path = directory / name
-        if path.is_symlink() or directory.resolve() not in path.resolve().parents:
+        if path.is_symlink() or root not in path.resolve().parents:
             problems[name] = f"{path}: a symbolic link or a path leading out of the checkpoint; it holds plain files"
         elif not path.is_file():
             problems[name] = f"{path}: missing"

@@ -50,10 +50,7 @@ def inside(root: Path, path: Path) -> Path:
 
 def copy_tree(source: Path, target: Path) -> None:
     """Copy a directory of plain files and folders; a symbolic link anywhere in it is an error naming it."""
-    for path in [source, *source.rglob("*")]:
-        if path.is_symlink():
-            raise CheckpointError(f"{path}: a symbolic link (to {os.readlink(path)}); a run directory holds plain "
-                                  f"files, refusing to copy it")
+    refuse_links(source)
     shutil.copytree(source, target, symlinks=True)
 
 

@@ -17,7 +17,7 @@ import yaml
 from megapico.checkpoint.files import unexpected_global
 from megapico.checkpoint.manifest import is_pruned
 from megapico.checkpoint.paths import copy_tree, fresh_directory, inside, refuse_links
-from megapico.checkpoint.training_state import step_of
+from megapico.checkpoint.training_state import STATE_FILE, step_of
 from megapico.config import MegapicoConfig
 from megapico.convert.checkpoint_reader import (
     PRUNED_EXPORT,
@@ -135,10 +135,9 @@ def pico_training_config(config: MegapicoConfig, global_batch_size: int) -> dict
 def copy_pruned_export(source: Path, target: Path) -> None:
     """The HF export a pruned checkpoint kept: its data files (never a link), and megapico's own modelling file
     instead of the copy the run directory holds (a received run's pico_decoder.py is someone else's code)."""
+    refuse_links(source)
     target.mkdir(parents=True)
     for name in ("config.json", "model.safetensors", *TOKENIZER_FILES):
-        if (source / name).is_symlink():
-            raise CheckpointError(f"{source / name}: a symbolic link; a run directory holds plain files")
         if (source / name).is_file():
             shutil.copyfile(source / name, target / name)
     shutil.copyfile(MODELLING_FILE, target / "pico_decoder.py")
@@ -153,11 +152,13 @@ def copy_learning_dynamics(source: Path, target: Path) -> None:
     copy_tree(source, target)
 
 
-def step_directories(run_dir: Path) -> list[Path]:
+def step_directories(run_dir: Path, purpose: str) -> list[Path]:
+    """The run's step_N directories with megapico_state.json written, by step; none is a CheckpointError saying
+    what they were wanted for."""
     root = run_dir / "checkpoints"
-    steps = [path for path in root.glob("step_*") if (path / "megapico_state.json").is_file()]
+    steps = [path for path in root.glob("step_*") if step_of(path.name) >= 0 and (path / STATE_FILE).is_file()]
     if not steps:
-        raise CheckpointError(f"{root}: no complete checkpoints to convert")
+        raise CheckpointError(f"{root}: {purpose}")
     return sorted(steps, key=lambda path: step_of(path.name))
 
 
@@ -166,7 +167,7 @@ def convert_run(run_dir: Path, output_root: Path, tokenizer: str | None = None, 
     """Every checkpoint of a run -> {output_root}/{run_name}/ in pico's layout; returns that directory. A checkpoint
     pruned by checkpointing.keep_last contributes the verified HF export it kept."""
     refuse_links(run_dir)  # a received run: nothing in it may point elsewhere
-    steps = step_directories(run_dir)
+    steps = step_directories(run_dir, "no complete checkpoints to convert")
     config, global_batch = checkpoint_config(steps[0])
     output_root.mkdir(parents=True, exist_ok=True)
     target = inside(output_root, output_root / config.checkpointing.run_name)  # run_name is checked with the config

@@ -32,7 +32,7 @@ from megapico.checkpoint.manifest import MANIFEST, read_manifest, verify_checkpo
 from megapico.checkpoint.paths import CheckpointError, refuse_links
 from megapico.checkpoint.training_state import STATE_FILE, step_of
 from megapico.convert.checkpoint_reader import PRUNED_EXPORT, checkpoint_config, load_checkpoint
-from megapico.convert.convert import export_checkpoint, pico_training_config
+from megapico.convert.convert import export_checkpoint, pico_training_config, step_directories
 from megapico.convert.hf_export import MODELLING_FILE, TOKENIZER_FILES
 from megapico.publish.background import TRAINING_STATES
 
@@ -135,29 +135,11 @@ def request_timeout(seconds: float) -> Iterator[None]:
         hooks.remove(hook)
 
 
-def _plain(path: Path) -> Path:
-    if path.is_symlink():
-        raise CheckpointError(f"{path}: a symbolic link; a run directory holds plain files, refusing to publish it")
-    return path
-
-
-def _plain_files(directory: Path) -> list[Path]:
-    """Every file under `directory`, sorted; a symbolic link anywhere in it is a CheckpointError naming it."""
-    for path in [directory, *directory.rglob("*")]:
-        _plain(path)
-    return sorted(path for path in directory.rglob("*") if path.is_file())
-
-
 def run_checkpoints(run_dir: Path) -> list[Checkpoint]:
-    """The checkpoints of a run with megapico_state.json written, by step."""
-    root = _plain(run_dir / "checkpoints")
-    found = []
-    for path in root.glob("step_*") if root.is_dir() else []:
-        if step_of(path.name) >= 0 and (_plain(path) / STATE_FILE).is_file():
-            found.append(Checkpoint(path, step_of(path.name), read_manifest(path)))
-    if not found:
-        raise CheckpointError(f"{root}: no checkpoints to publish")
-    return sorted(found, key=lambda checkpoint: checkpoint.step)
+    """The checkpoints of a run with megapico_state.json written, by step (the run directory holds no link:
+    publish_run checked it whole with refuse_links)."""
+    return [Checkpoint(path, step_of(path.name), read_manifest(path)) for path in
+            step_directories(run_dir, "no checkpoints to publish")]
 
 
 @dataclass
@@ -279,10 +261,10 @@ class Publication:
         cache (keyed by the manifest, so a checkpoint saved again is exported again)."""
         self.verified(checkpoint)
         if not checkpoint.full:
-            return _plain(checkpoint.directory / PRUNED_EXPORT)
-        cache = _plain(self.run_dir / CACHE_DIR)
+            return checkpoint.directory / PRUNED_EXPORT
+        cache = self.run_dir / CACHE_DIR
         key = hashlib.sha256((checkpoint.directory / MANIFEST).read_bytes()).hexdigest()[:12]
-        target = _plain(cache / f"{checkpoint.directory.name}-{key}")
+        target = cache / f"{checkpoint.directory.name}-{key}"
         if not target.is_dir():
             cache.mkdir(exist_ok=True)
             loaded = load_checkpoint(checkpoint.directory, verify_hash=False)  # hashed just above
@@ -291,11 +273,11 @@ class Publication:
 
     def model_files(self, checkpoint: Checkpoint) -> Files:
         export = self.hf_export(checkpoint)
-        return {**{name: _plain(export / name) for name in MODEL_FILES}, "pico_decoder.py": MODELLING_FILE}
+        return {**{name: export / name for name in MODEL_FILES}, "pico_decoder.py": MODELLING_FILE}
 
     def tokenizer_files(self, checkpoint: Checkpoint) -> Files:
         export = self.hf_export(checkpoint)
-        return {name: _plain(export / name) for name in TOKENIZER_FILES if (export / name).is_file()}
+        return {name: export / name for name in TOKENIZER_FILES if (export / name).is_file()}
 
     def config_files(self, checkpoint: Checkpoint) -> Files:
         self.verified(checkpoint)
@@ -306,12 +288,12 @@ class Publication:
     def state_files(self, checkpoint: Checkpoint) -> Files:
         self.verified(checkpoint)
         names = [*checkpoint.manifest["files"], MANIFEST]
-        return {f"{STATE_DIR}/{name}": _plain(checkpoint.directory / name) for name in names}
+        return {f"{STATE_DIR}/{name}": checkpoint.directory / name for name in names}
 
     def eval_files(self, checkpoint: Checkpoint) -> Files:
-        results = _plain(self.run_dir / "eval_results")
-        return {f"eval_results/{path.name}": path for path in _plain_files(results) if path.parent == results
-                and path.suffix == ".json" and 0 <= step_of(path.stem) <= checkpoint.step}
+        results = self.run_dir / "eval_results"
+        return {f"eval_results/{path.name}": path for path in sorted(results.glob("step_*.json"))
+                if 0 <= step_of(path.stem) <= checkpoint.step}
 
     def dynamics_files(self, checkpoint: Checkpoint, split: str) -> Files:
         """learning_dynamics/{split}_*.pt and {split}_data/ as the checkpoint's verified manifest lists them."""

@@ -49,7 +49,7 @@ from megapico.config import (
 from megapico.data.builders import build_dataset, build_train_dataset, parse_blend
 from megapico.data.indexed_dataset import DataError, IndexedDataset
 from megapico.data.pretokenized_dataset import TextDocuments
-from megapico.data.provenance import check_tokenizer_for_data
+from megapico.data.provenance import check_tokenizer_for_data, record_path
 from megapico.data.sampler import PretrainingSampler, collate_samples
 from megapico.data.tokenizer import load_tokenizer
 from megapico.model import PicoDecoder
@@ -104,6 +104,8 @@ def check_data_fits_model(config: MegapicoConfig) -> None:
         parse_blend(config.data.eval_data_path) if config.data.eval_data_path else [])]
     check_tokenizer_for_data(prefixes, config.data.tokenizer or None, vocab)
     for prefix in prefixes:  # data without the record (Megatron's, older megapico's): the first 16M tokens
+        if record_path(prefix).is_file():  # its largest id was recorded whole and checked just above
+            continue
         largest = IndexedDataset(prefix).max_token_id()
         if largest >= vocab:
             raise DataError(f"{prefix}.bin: token id {largest} >= model.vocab_size {vocab} (was it tokenized with "
@@ -249,9 +251,8 @@ def pretrain(config: MegapicoConfig, after_checkpoint: Callable[[Path], list[str
     """Train per `config`. after_checkpoint(checkpoints_root) runs on rank 0 after each checkpoint is complete (the
     retention of checkpointing.keep_last, wired by pretrain.py) and returns lines to print; `publisher` (rank 0's,
     checkpointing.save_to_hf) is told of each complete checkpoint and publishes it off the training path. The run
-    directory is
-    held for the run's lifetime (megapico/checkpoint/run_lock.py); one this launch created is removed again if the
-    start fails before the first step."""
+    directory is held for the run's lifetime (megapico/checkpoint/run_lock.py); one this launch created is removed
+    again if the start fails before the first step."""
     init_distributed()
     validate_config(config, world_size=dist.get_world_size(), batch=False)  # whole once the resume point is known
     parallel = ParallelState.build(config.parallel.tensor_parallel_size)
