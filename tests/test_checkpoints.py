@@ -156,7 +156,7 @@ def test_plot_run_draws_the_metrics_record(sample_prefix, tmp_path, capsys):
     run = tmp_path / "runs" / "megapico-run"
     records = [json.loads(line) for line in (run / "metrics.jsonl").open()]
     assert [r["step"] for r in records if "train/loss" in r] == [1, 2, 3, 4, 5]
-    assert [r["step"] for r in records if "eval/paloma" in r] == [2, 4, 5]
+    assert [r["step"] for r in records if "eval/valid" in r] == [2, 4, 5]
     assert all("trainer/grad_norm" in r and "trainer/tokens_per_second" in r for r in records if r["step"] == 5
                and "train/loss" in r)
     assert plot_main([str(run)]) == 0
@@ -168,9 +168,10 @@ def test_plot_run_draws_the_metrics_record(sample_prefix, tmp_path, capsys):
 def test_size_only_verification_catches_truncation_not_bit_flips(tmp_path):
     from megapico.checkpoint.manifest import verify_checkpoint, write_manifest
 
-    (tmp_path / "mp_rank_00_model_states.pt").write_bytes(b"x" * 1000)
+    torch.save({"w": torch.zeros(1000)}, tmp_path / "mp_rank_00_model_states.pt")
     (tmp_path / "learning_dynamics").mkdir()
-    (tmp_path / "learning_dynamics" / "train_weights.pt").write_bytes(b"y" * 10)
+    torch.save({"w": torch.zeros(10)}, tmp_path / "learning_dynamics" / "train_weights.pt")
+    size = (tmp_path / "mp_rank_00_model_states.pt").stat().st_size
     write_manifest(tmp_path, tp_size=1)
     assert verify_checkpoint(tmp_path, 1) is None and verify_checkpoint(tmp_path, 1, full_hash=False) is None
     _damage(tmp_path / "learning_dynamics" / "train_weights.pt", "bit-flipped")
@@ -178,4 +179,4 @@ def test_size_only_verification_catches_truncation_not_bit_flips(tmp_path):
     assert "train_weights.pt: sha256 differs" in verify_checkpoint(tmp_path, 1)
     _damage(tmp_path / "mp_rank_00_model_states.pt", "truncated")
     assert verify_checkpoint(tmp_path, 1, full_hash=False).endswith(
-        "mp_rank_00_model_states.pt: 500 bytes, the manifest says 1000 (truncated?)")
+        f"mp_rank_00_model_states.pt: {size // 2} bytes, the manifest says {size} (truncated?)")

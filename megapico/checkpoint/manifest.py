@@ -5,6 +5,10 @@ Written after every rank has finished writing and before `latest` moves: each ra
 rank 0), the lists are gathered, and rank 0 writes `manifest.json` atomically. A directory without one was never
 finished. Verification splits the files over the ranks the same way; every rank learns every verdict, so all of
 them take the same decision (resume, fall back, or stop with the same one-line error).
+
+Verification opens only the files the manifest lists (each `.pt` one checked by the reader's scan: a torch.save zip
+of stored records, naming no global its kind never holds). A file a manifest does not list is not opened here, and
+resume's DeepSpeed load, which globs for model-state files, refuses it (files.use_data_only_loads asks `lists`).
 """
 
 import hashlib
@@ -80,6 +84,13 @@ def read_manifest(directory: Path) -> dict | None:
         return json.loads((directory / MANIFEST).read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def lists(path: Path) -> bool:
+    """Whether the manifest of the checkpoint directory holding `path` lists it: what DeepSpeed's load may read
+    (megapico/checkpoint/files.py use_data_only_loads); a file beside the listed ones is never opened."""
+    manifest = read_manifest(path.parent)
+    return isinstance(manifest, dict) and isinstance(manifest.get("files"), dict) and path.name in manifest["files"]
 
 
 def is_pruned(directory: Path) -> bool:

@@ -4,6 +4,24 @@ Batch sizes, precision (with fp32 gradient accumulation and reduction under bf16
 come from megapico's config, and ZeRO buckets left "auto" are sized to the model; a JSON that states a
 different value is an error naming both files, not a silent override (DeepSpeed's own defaults, e.g. for
 gradient_clipping, have changed between releases, so megapico always writes them).
+
+Every checkpoint file is read through megapico's one data-only reader (megapico/checkpoint/files.py), which
+`engine.load_checkpoint` is made to use. DeepSpeed settings that would load checkpoints some other way are refused
+here, before anything is built, each in one line naming the setting (read in DeepSpeed 0.19's engine.load_checkpoint
+and create_checkpoint_engine):
+
+- `checkpoint.load_universal`: the universal-checkpoint loader reads `zero/*.pt` and `zero/optimizer_state.pt`
+  with torch.load(weights_only=False), beside the checkpoint engine: a pickle there runs.
+- `checkpoint.writer`, `datastates_ckpt`, `nebula`: another checkpoint engine (fast, decoupled, DataStates;
+  Nebula in older releases) whose load is its own torch.load, not megapico's reader.
+- `zero_optimization.offload_optimizer.device` / `offload_param.device` = nvme: loading copies the checkpoint's
+  `offloaded_tensors/` tree, which no manifest lists, into the swap folder and reads it as raw optimizer state.
+- `zero_optimization.elastic_checkpoint`: see below (megapico reshards itself).
+
+Left alone, because they route no file around the reader: `checkpoint.use_node_local_storage` (which rank writes;
+loads still go through the engine), `data_efficiency` / curriculum and random-LTD state (restored from the model
+states file the reader returned, and only with a DeepSpeed dataloader, which megapico never gives DeepSpeed),
+`checkpoint.tag_validation` and `parallel_write` (saving only).
 """
 
 import json
@@ -65,6 +83,35 @@ def torch_autocast_section(ds: dict, path: Path, mixed: bool) -> dict:
     return {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []} if mixed else {"enabled": False}
 
 
+READER = "megapico reads every checkpoint file through its one data-only reader"
+
+
+def refuse_other_loaders(ds: dict, path: Path) -> None:
+    """A ConfigError naming the first setting that would make DeepSpeed load checkpoint files around megapico's reader
+    (the list, and why, in the module docstring)."""
+    sections = {key: ds.get(key) or {} for key in ("checkpoint", "zero_optimization")}
+    for key, section in sections.items():
+        if not isinstance(section, dict):
+            raise ConfigError(f"{path}: {key}={json.dumps(section)} is not a JSON object")
+    checkpoint, zero = sections["checkpoint"], sections["zero_optimization"]
+    if checkpoint.get("load_universal", False) is not False:
+        raise ConfigError(f"{path}: remove checkpoint.load_universal: DeepSpeed's universal-checkpoint loader "
+                          f"unpickles zero/*.pt as code (torch.load weights_only=False); {READER}, and reshards on "
+                          f"resume itself")
+    for name, present in (("checkpoint.writer", checkpoint.get("writer") is not None),
+                          ("datastates_ckpt", ds.get("datastates_ckpt", False) is not False),
+                          ("nebula", "nebula" in ds)):
+        if present:
+            raise ConfigError(f"{path}: remove {name}: it replaces DeepSpeed's torch checkpoint engine by one that "
+                              f"loads with its own torch.load; {READER}")
+    for part in ("offload_optimizer", "offload_param"):
+        offload = zero.get(part) or {}
+        if isinstance(offload, dict) and str(offload.get("device", "none")).lower() == "nvme":
+            raise ConfigError(f"{path}: zero_optimization.{part}.device=nvme: resuming would copy the "
+                              f"checkpoint's offloaded_tensors/ (listed in no manifest) into the swap folder and read "
+                              f"it as optimizer state; {READER} (use device \"cpu\" or none)")
+
+
 def build_deepspeed_config(config: MegapicoConfig, dp_size: int) -> dict:
     path = Path(config.training.deepspeed_config)
     if not path.is_file():
@@ -73,6 +120,9 @@ def build_deepspeed_config(config: MegapicoConfig, dp_size: int) -> dict:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"{path}: not a JSON object (a DeepSpeed config is one)")
+    refuse_other_loaders(ds, path)
     for key in OWNED_BY_MEGAPICO:
         if key in ds and (key != "fp16" or ds[key].get("enabled", False)):
             raise ConfigError(f"{path}: remove '{key}': megapico sets it from training.* (pico recipe: AdamW + "
