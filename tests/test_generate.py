@@ -70,3 +70,40 @@ def test_left_padded_batch_equals_the_prompts_one_by_one(exports):
                         pad_token_id=1)
     for row, prompt in enumerate(PROMPTS):
         assert out[row, width:].tolist() == greedy(pico, prompt, 6)
+
+
+def test_exports_stop_at_end_of_text_in_transformers_generate_and_every_file_is_readable(tmp_path):
+    """A model built to answer any token with token 100 and token 100 with <|endoftext|>: transformers' generate,
+    given nothing but the export, stops after [100, eos] as tools/generate.py does (without the export's
+    generation_config.json it ran on to max_new_tokens). Every exported file has a plain file's permissions."""
+    import os
+    import stat
+
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    eos = Tokenizer.from_file(str(TOKENIZER)).token_to_id("<|endoftext|>")
+    config = ModelConfig(d_model=16, n_layers=1, attention_n_heads=4, attention_n_kv_heads=2, activation_hidden_dim=32,
+                         vocab_size=50304, max_seq_len=32)
+    state = {key: torch.zeros_like(value) for key, value in PicoDecoder(config).state_dict().items()}
+    for key in state:
+        if key.endswith("norm.weight"):
+            state[key] += 1
+    state["embedding_proj.weight"][:, 0] = 1  # every token -> direction 0 (blocks add nothing: their outputs are 0)
+    state["embedding_proj.weight"][100] = torch.eye(16)[1]  # token 100 -> direction 1
+    state["de_embedding_proj.weight"][100, 0] = state["de_embedding_proj.weight"][eos, 1] = 10
+    write_pico_hf(state, config, str(TOKENIZER), tmp_path / "pico", 4)
+    write_llama(state, config, str(TOKENIZER), tmp_path / "llama")
+    mask = os.umask(0)
+    os.umask(mask)
+    for name, trust in (("pico", True), ("llama", False)):
+        model = AutoModelForCausalLM.from_pretrained(tmp_path / name, trust_remote_code=trust, dtype=torch.float32)
+        assert (model.generation_config.eos_token_id, model.generation_config.pad_token_id) == (eos, 1)
+        ids = torch.tensor([[5, 7, 9]])
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+        assert out[0, 3:].tolist() == [100, eos], name
+        tokenizer = AutoTokenizer.from_pretrained(tmp_path / name)
+        assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.eos_token_id) == ("<|endoftext|>", "<|padding|>",
+                                                                                      eos)
+        for path in (tmp_path / name).iterdir():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path

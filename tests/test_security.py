@@ -126,9 +126,11 @@ def test_deepspeeds_own_load_reads_as_data(tmp_path):
     engine = types.SimpleNamespace(checkpoint_engine=TorchCheckpointEngine())
     use_data_only_loads(engine)
     torch.save({"module": {"w": torch.ones(2, requires_grad=True)}}, tmp_path / "mp_rank_00_model_states.pt")
+    write_manifest(tmp_path, 1, collective=False)  # it reads only what the checkpoint's manifest lists
     loaded = engine.checkpoint_engine.load(str(tmp_path / "mp_rank_00_model_states.pt"), map_location="cpu")
     assert torch.equal(loaded["module"]["w"], torch.ones(2)) and not loaded["module"]["w"].requires_grad
     poison(tmp_path / "mp_rank_00_model_states.pt", tmp_path / "ran")
+    write_manifest(tmp_path, 1, collective=False)
     with pytest.raises(CheckpointError, match="refused, it asks to load the Python global posix.system"):
         engine.checkpoint_engine.load(str(tmp_path / "mp_rank_00_model_states.pt"))
     with pytest.raises(CheckpointError, match="refused"):
@@ -274,11 +276,11 @@ def test_links_planted_in_a_received_run_steer_nothing(megapico_run, sample_pref
     assert (victim / "precious").read_text() == "mine"
     (run_dir / f".config.yaml.tmp-{os.getpid()}").unlink()
 
-    # a pickle in learning_dynamics/ that no manifest lists
+    # a pickle in learning_dynamics/ that is none of pico's files: ignored, never read nor passed on
     (step / "learning_dynamics").mkdir(exist_ok=True)
     torch.save({"w": torch.zeros(1), "extra": Payload(tmp_path / "ran")}, step / "learning_dynamics" / "more.pt")
-    assert to_hf_main(["--run-dir", str(run_dir), "--output", str(tmp_path / "out")]) == 1
-    assert "more.pt: refused, it asks to load the Python global posix.system" in capsys.readouterr().err
+    assert to_hf_main(["--run-dir", str(run_dir), "--output", str(tmp_path / "out")]) == 0
+    assert not list((tmp_path / "out").rglob("more.pt")) and not (tmp_path / "ran").exists()
     (step / "learning_dynamics" / "more.pt").unlink()
 
     # checkpoints/ itself a link into someone else's run

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
                              "megapico's own modelling file)")
     args = parser.parse_args(argv)
     try:
-        model, tokenizer_path = (model_from_checkpoint(args.checkpoint, args.device) if args.checkpoint
+        model, tokenizer_path = (model_from_checkpoint(args.checkpoint, args.device, args.tokenizer) if args.checkpoint
                                  else model_from_hf(args.hf, args.device, args.trust_remote_code))
         tokenizer = load_tokenizer(args.tokenizer or tokenizer_path)
         prompt_ids = tokenizer.encode(args.prompt)

@@ -2,6 +2,9 @@
 
 Every export is written under a temporary name, loaded back with transformers and run on a fixed batch next
 to megapico's own model rebuilt from the same weights; only a result within tolerance is renamed into place.
+A run directory may be someone else's: nothing of it is copied as it stands. Weights, configs and tokenizer files
+are generated from checked values, learning dynamics and eval results are read, checked and written anew
+(received.py), and the tokenizer is the user's --tokenizer or one inside the run (received.export_tokenizer).
 """
 
 import os
@@ -14,11 +17,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from megapico.checkpoint.files import unexpected_global
 from megapico.checkpoint.manifest import is_pruned
-from megapico.checkpoint.paths import copy_tree, fresh_directory, inside, refuse_links
+from megapico.checkpoint.paths import fresh_directory, inside, refuse_links
 from megapico.checkpoint.training_state import STATE_FILE, step_of
-from megapico.config import MegapicoConfig
+from megapico.config import MegapicoConfig, ModelConfig
 from megapico.convert.checkpoint_reader import (
     PRUNED_EXPORT,
     CheckpointError,
@@ -27,7 +29,15 @@ from megapico.convert.checkpoint_reader import (
     load_checkpoint,
 )
 from megapico.convert.generate import reference_greedy
-from megapico.convert.hf_export import MODELLING_FILE, TOKENIZER_FILES, write_llama, write_pico_hf
+from megapico.convert.hf_export import write_llama, write_pico_hf
+from megapico.convert.received import (
+    checked_model_tensors,
+    export_tokenizer,
+    pico_hf_fields,
+    pico_model_config,
+    write_checked_eval_results,
+    write_checked_learning_dynamics,
+)
 from megapico.model import PicoDecoder
 from megapico.training.learning_dynamics import SUFFIXES
 
@@ -93,10 +103,9 @@ def check_generation(exported, reference: PicoDecoder, prompt: torch.Tensor, che
 
 def export_checkpoint(checkpoint: LoadedCheckpoint, output: Path, fmt: str = "pico", tokenizer: str | None = None,
                       overwrite: bool = False, verify: bool = True) -> float | None:
-    """Write one checkpoint as an HF directory; returns the verification gap (None if not verified)."""
-    tokenizer = tokenizer or checkpoint.config.data.tokenizer
-    if not tokenizer:
-        raise CheckpointError(f"{checkpoint.directory}: the run names no tokenizer (data.tokenizer); pass --tokenizer")
+    """Write one checkpoint as an HF directory; returns the verification gap (None if not verified). The tokenizer:
+    `tokenizer` if given, else the one the run keeps (received.export_tokenizer)."""
+    tokenizer = export_tokenizer(checkpoint.directory, checkpoint.config, tokenizer)
     with replacing_directory(output, overwrite) as tmp:
         if fmt == "pico":
             write_pico_hf(checkpoint.state_dict, checkpoint.config.model, tokenizer, tmp, checkpoint.global_batch_size)
@@ -132,24 +141,19 @@ def pico_training_config(config: MegapicoConfig, global_batch_size: int) -> dict
     }
 
 
-def copy_pruned_export(source: Path, target: Path) -> None:
-    """The HF export a pruned checkpoint kept: its data files (never a link), and megapico's own modelling file
-    instead of the copy the run directory holds (a received run's pico_decoder.py is someone else's code)."""
+def copy_pruned_export(source: Path, target: Path, model: ModelConfig | None = None, batch_size: int | None = None,
+                       tokenizer: str | Path | None = None) -> None:
+    """The HF export a pruned checkpoint kept, written anew into `target`: its weights checked against `model` (the
+    checkpoint's own config; default: pico's model keys of the export's config.json, read as data), config.json and
+    generation_config.json generated, the tokenizer re-serialised (`tokenizer`, default the export's own) and
+    megapico's modelling file. Nothing of the directory is copied as it stands."""
     refuse_links(source)
-    target.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors", *TOKENIZER_FILES):
-        if (source / name).is_file():
-            shutil.copyfile(source / name, target / name)
-    shutil.copyfile(MODELLING_FILE, target / "pico_decoder.py")
-
-
-def copy_learning_dynamics(source: Path, target: Path) -> None:
-    """pico's learning-dynamics files, passed on to pico-analyze (whose torch.load may not be weights-only): every
-    pickle is scanned first, and one naming any global is refused."""
-    for path in sorted(source.rglob("*.pt")):
-        if refused := unexpected_global(path):
-            raise CheckpointError(refused)
-    copy_tree(source, target)
+    if model is None:  # no megapico config beside it (a pico run directory): pico's keys of its config.json
+        config_json = source / "config.json"
+        model, batch_size = pico_model_config(config_json), pico_hf_fields(config_json)["batch_size"]
+    tensors = checked_model_tensors(source / "model.safetensors", model)
+    state_dict = {key.removeprefix("pico_decoder."): value for key, value in tensors.items()}
+    write_pico_hf(state_dict, model, tokenizer or source / "tokenizer.json", target, batch_size)
 
 
 def step_directories(run_dir: Path, purpose: str) -> list[Path]:
@@ -176,18 +180,23 @@ def convert_run(run_dir: Path, output_root: Path, tokenizer: str | None = None, 
         for step_dir in (progress(steps) if progress else steps):
             out = tmp / "checkpoints" / step_dir.name
             if is_pruned(step_dir):
-                copy_pruned_export(step_dir / PRUNED_EXPORT, out)
-                note = f"the HF export kept when the checkpoint was pruned ({step_dir / PRUNED_EXPORT})"
+                kept = step_dir / PRUNED_EXPORT
+                step_config, step_batch = checkpoint_config(step_dir)
+                own = kept / "tokenizer.json"  # what the export kept; else the run's (checked inside the run)
+                ships = tokenizer or (own if own.is_file() else export_tokenizer(step_dir, step_config))
+                copy_pruned_export(kept, out, step_config.model, step_batch, ships)
+                note = f"the HF export kept when the checkpoint was pruned ({kept}), checked and written anew"
             else:
                 checkpoint = load_checkpoint(step_dir)
                 gap = export_checkpoint(checkpoint, out, "pico", tokenizer, verify=verify)
                 note = f"{checkpoint.source}; verified max |logit diff| {'skipped' if gap is None else f'{gap:.2e}'}"
             if (step_dir / "learning_dynamics").is_dir():
-                copy_learning_dynamics(step_dir / "learning_dynamics", out / "learning_dynamics")
+                write_checked_learning_dynamics(step_dir / "learning_dynamics", out / "learning_dynamics",
+                                                config.model)
             print(f"{step_dir.name}: {note}", flush=True)
         (tmp / "checkpoints" / "latest").symlink_to(steps[-1].name)
         if (run_dir / "eval_results").is_dir():
-            copy_tree(run_dir / "eval_results", tmp / "eval_results")
+            write_checked_eval_results(run_dir / "eval_results", tmp / "eval_results")
         (tmp / "training_config.yaml").write_text(yaml.safe_dump(pico_training_config(config, global_batch),
                                                                  sort_keys=False))
     return target

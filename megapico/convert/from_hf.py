@@ -5,36 +5,29 @@ shards of the HF weights (fresh Adam state) and save step_0, so `pretrain.py` wi
 from it (at this or any other TP x DP layout, through the resume reshard).
 """
 
-import json
 import os
 from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-from safetensors.torch import load_file
 
 from megapico.config import MegapicoConfig, ModelConfig
 from megapico.convert.checkpoint_reader import CheckpointError
-from megapico.model import partition_dim
+from megapico.convert.received import checked_model_tensors, pico_model_config, save_run_tokenizer
 from megapico.parallel import free_port
-
-MODEL_FIELDS = ("d_model", "n_layers", "attention_n_heads", "attention_n_kv_heads", "activation_hidden_dim",
-                "vocab_size", "max_seq_len", "norm_eps", "position_emb_theta")
 
 
 def read_pico_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """A pico HF directory's model and fp32 weights, read as data: pico's config keys only (its auto_map and
+    anything else ignored), the safetensors' keys, shapes and dtypes checked against them."""
     hf_dir = Path(hf_dir)
     config_path, weights_path = hf_dir / "config.json", hf_dir / "model.safetensors"
     for path in (config_path, weights_path):
         if not path.is_file():
             raise CheckpointError(f"{path}: missing; {hf_dir} is not a pico HF checkpoint")
-    hf_config = json.loads(config_path.read_text())
-    if hf_config.get("model_type") != "pico_decoder":
-        raise CheckpointError(f"{config_path}: model_type {hf_config.get('model_type')!r} is not 'pico_decoder'")
-    model = ModelConfig(**{name: hf_config[name] for name in MODEL_FIELDS})
-    weights = {key.removeprefix("pico_decoder."): value.float() for key, value in load_file(weights_path).items()}
-    for key in weights:
-        partition_dim(key)  # raises on keys that are not pico-decoder weights
+    model = pico_model_config(config_path)
+    weights = {key.removeprefix("pico_decoder."): value.float()
+               for key, value in checked_model_tensors(weights_path, model).items()}
     return model, weights
 
 
@@ -65,4 +58,7 @@ def hf_to_megapico(hf_dir: str | Path, config: MegapicoConfig) -> Path:
         raise CheckpointError(f"{root}: already holds checkpoints; choose another checkpointing.run_name")
     tp = config.parallel.tensor_parallel_size
     mp.spawn(_save_rank, args=(tp, free_port(), config, weights), nprocs=tp, join=True)
+    tokenizer = config.data.tokenizer or (Path(hf_dir) if (Path(hf_dir) / "tokenizer.json").is_file() else None)
+    if tokenizer:
+        save_run_tokenizer(root.parent, tokenizer)
     return root / "step_0"

@@ -34,6 +34,7 @@ from megapico.checkpoint.paths import checkpoint_tag
 from megapico.checkpoint.reshard import MOMENTS, read_full_state, zero_shard_path
 from megapico.config import ConfigError, MegapicoConfig, ModelConfig, validate_config
 from megapico.convert.from_hf import read_pico_hf
+from megapico.convert.received import save_run_tokenizer
 from megapico.parallel import free_port
 
 
@@ -221,6 +222,8 @@ def pico_train_to_megapico(directory: str | Path, config: MegapicoConfig) -> tup
                     raise CheckpointError(f"{written}: {kind} of {name} reads back different from the import")
         if back["step"] != checkpoint.step:
             raise CheckpointError(f"{written}: Adam's step reads back as {back['step']}, not {checkpoint.step}")
+        if config.data.tokenizer:
+            save_run_tokenizer(run_dir, config.data.tokenizer)
     except BaseException:
         shutil.rmtree(run_dir if created else root, ignore_errors=True)
         raise

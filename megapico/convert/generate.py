@@ -11,6 +11,7 @@ import torch
 
 from megapico.convert.checkpoint_reader import CheckpointError, load_checkpoint
 from megapico.convert.hf_export import MODELLING_FILE, pico_hf_config, tokenizer_json
+from megapico.convert.received import export_tokenizer
 from megapico.model import PicoDecoder
 
 
@@ -22,8 +23,9 @@ def _pico_hf_module():  # noqa: ANN202
     return module
 
 
-def model_from_checkpoint(path: str | Path, device: str = "cpu"):  # noqa: ANN201
-    """(PicoDecoderHF with the checkpoint's fp32 weights, tokenizer path of its run)."""
+def model_from_checkpoint(path: str | Path, device: str = "cpu", tokenizer: str | None = None):  # noqa: ANN201
+    """(PicoDecoderHF with the checkpoint's fp32 weights, the tokenizer its export would ship: `tokenizer` if
+    given, else the run's own (received.export_tokenizer))."""
     checkpoint = load_checkpoint(path)
     module = _pico_hf_module()
     config = module.PicoDecoderHFConfig(**{key: value for key, value in pico_hf_config(
@@ -31,7 +33,7 @@ def model_from_checkpoint(path: str | Path, device: str = "cpu"):  # noqa: ANN20
                                                                                       "model_type", "torch_dtype")})
     model = module.PicoDecoderHF(config)
     model.pico_decoder.load_state_dict(checkpoint.state_dict)
-    return model.to(device).eval(), checkpoint.config.data.tokenizer
+    return model.to(device).eval(), str(export_tokenizer(checkpoint.directory, checkpoint.config, tokenizer))
 
 
 def model_from_hf(directory: str | Path, device: str = "cpu", trust_remote_code: bool = False):  # noqa: ANN201

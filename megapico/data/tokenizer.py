@@ -39,6 +39,11 @@ class Tokenizer:
         """Texts of token-id lists, special tokens left out (pico-train's decode for its train_data/)."""
         raise NotImplementedError
 
+    def tokenizers_json(self) -> str | None:
+        """The tokenizer as the `tokenizers` library serialises it (what a run keeps as its own copy and its exports
+        ship: only what that library understands), or None for a tokenizer it cannot hold (sentencepiece)."""
+        return None
+
     def fingerprint(self) -> str:
         """sha256 of the canonical vocabulary (and merges): equal for the same tokenizer however its file is
         formatted (an export re-serialises it), different when any token, id or merge differs."""
@@ -103,6 +108,9 @@ class HuggingFaceTokenizer(Tokenizer):
 
     def decode_batch(self, id_lists: list[list[int]]) -> list[str]:
         return self._tokenizer.decode_batch(id_lists, skip_special_tokens=True)
+
+    def tokenizers_json(self) -> str:
+        return self._tokenizer.to_str()
 
     def fingerprint(self) -> str:
         """Over the model type, every (token, id) added tokens included, and the BPE merges (written as "a b"
