@@ -56,6 +56,7 @@ class Commit:
 
 @dataclass
 class Repo:
+    private: bool = False  # what create_repo asked for ("private", or client 2.x's "visibility"; default public)
     branches: dict[str, str] = field(default_factory=dict)
     commits: dict[str, Commit] = field(default_factory=dict)
 
@@ -173,7 +174,7 @@ class HubServer:
         repo_id = f"{body.get('organization') or AUTHOR}/{body['name']}"
         if repo_id in self.repos:
             raise HubError(409, "You already created this model repo", body={"url": f"{self.url}/{repo_id}"})
-        repo = self.repos[repo_id] = Repo()
+        repo = self.repos[repo_id] = Repo(private=bool(body.get("private")) or body.get("visibility") == "private")
         attributes = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.pt filter=lfs diff=lfs merge=lfs -text\n"
         files = {".gitattributes": Blob(len(attributes), git_oid(attributes), content=attributes)}
         repo.branches["main"] = self._new_commit(repo, None, "initial commit", "", files)
@@ -283,7 +284,8 @@ class HubServer:
 
     def revision(self, repo_id: str, revision: str) -> dict:
         commit = self._resolve(self._repo(repo_id), revision)
-        return {"id": repo_id, "modelId": repo_id, "sha": commit.id, "private": False, "author": repo_id.split("/")[0],
+        return {"id": repo_id, "modelId": repo_id, "sha": commit.id, "private": self._repo(repo_id).private,
+                "author": repo_id.split("/")[0],
                 "siblings": [{"rfilename": name} for name in sorted(commit.files)], "tags": [],
                 "lastModified": commit.date}
 

@@ -1,7 +1,10 @@
 """Publishing a run to the Hub as pico-train does (megapico/publish), against tests/hub_server.py with the real
 huggingface_hub client: titles, order and trees; idempotence; a killed publication completed; a failing or hanging
-Hub that never blocks the caller; pico-analyze's remote read; and resuming training from a download."""
+Hub that never blocks the caller; pico-analyze's remote read; resuming training from a download; a received run or
+pico run directory whose files (a planted export cache, links, hard links, code pointers) never reach the Hub as
+found; private repositories and run branches."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -12,7 +15,7 @@ import time
 import pytest
 import torch
 import yaml
-from conftest import REPO, training_overrides
+from conftest import REPO, TOKENIZER, training_overrides
 from distributed import train
 from hub_server import HubServer
 from huggingface_hub import CommitOperationAdd, HfApi, constants, hf_hub_download, snapshot_download
@@ -20,9 +23,12 @@ from publish_run import main as publish_main
 
 from megapico.checkpoint.manifest import read_manifest
 from megapico.checkpoint.paths import CheckpointError
+from megapico.config import ConfigError
 from megapico.convert.convert import convert_run
+from megapico.convert.hf_export import MODELLING_FILE
 from megapico.publish.background import BackgroundPublisher
 from megapico.publish.hub import Publication, PublishError, publish_run, run_checkpoints
+from megapico.publish.pico_run import publish_pico_run
 
 BRANCH = "megapico-run"
 LD_BATCH = 4
@@ -98,13 +104,14 @@ def test_commit_titles_in_pico_train_order(run, published, hub):
     assert lines[0] == "org/tiny@megapico-run: 0 of 11 commits already there, 11 to send"
     assert {ref.name for ref in api.list_repo_refs("org/tiny").branches} == {"main", BRANCH}
     assert [item["id"] for item in hub.collections["org/pico-runs-0123"]] == ["org/tiny"]
-    assert not (run[0] / ".publish").exists()  # the export cache is gone once everything is sent
+    assert not (run[0] / ".publish").exists()  # exports go to a private directory of the call, never the run's
+    assert hub.repos["org/tiny"].private  # a repository megapico creates is private unless asked otherwise
 
 
 def test_tree_at_each_commit(run, published, pico_run, tmp_path):
     api, _ = published
     run_dir = run[0]
-    model = {"config.json", "model.safetensors", "pico_decoder.py"}
+    model = {"config.json", "generation_config.json", "model.safetensors", "pico_decoder.py"}
     tokenizer = {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
 
     def state(step):
@@ -131,7 +138,7 @@ def test_tree_at_each_commit(run, published, pico_run, tmp_path):
     cache = tmp_path / "cache"
     for step in (0, 2):
         revision = by_title[f"Saving HF Model -- Step {step}"]
-        for name in ("config.json", "model.safetensors"):
+        for name in ("config.json", "generation_config.json", "model.safetensors"):
             got = hf_hub_download("org/tiny", name, revision=revision, cache_dir=cache, endpoint=api.endpoint)
             assert open(got, "rb").read() == (pico_run / "checkpoints" / f"step_{step}" / name).read_bytes()
         revision = by_title[f"Saving megapico Training State -- Step {step}"]
@@ -177,12 +184,13 @@ torch.save({"config": config, "states": states}, out)
 """
 
 
-def test_pico_analyze_remote_read_matches_local_run_directory(published, pico_run, hub, tmp_path):
-    """pico-analyze's own remote path (src/utils/data.py), in a fresh process and HF_HOME, through HF_ENDPOINT."""
+def assert_pico_analyze_reads(hub, repo_id, pico_run, tmp_path):
+    """pico-analyze's own remote path (src/utils/data.py), in a fresh process and HF_HOME, through HF_ENDPOINT,
+    reads the same learning dynamics as the local pico run directory holds."""
     from datasets import load_from_disk
 
     out = tmp_path / "remote.pt"
-    subprocess.run([sys.executable, "-c", PICO_ANALYZE_READ, "org/tiny", BRANCH, str(out)], env=hub_env(hub, tmp_path),
+    subprocess.run([sys.executable, "-c", PICO_ANALYZE_READ, repo_id, BRANCH, str(out)], env=hub_env(hub, tmp_path),
                    check=True, timeout=300)
     remote = torch.load(out, weights_only=False)
     config = remote["config"]
@@ -197,6 +205,10 @@ def test_pico_analyze_remote_read_matches_local_run_directory(published, pico_ru
             assert all(torch.equal(state[kind][name], expected[name]) for name in expected), (split, step, kind)
         if split == "train":
             assert state["input_ids"] == load_from_disk(str(local / "train_data"))["input_ids"]
+
+
+def test_pico_analyze_remote_read_matches_local_run_directory(published, pico_run, hub, tmp_path):
+    assert_pico_analyze_reads(hub, "org/tiny", pico_run, tmp_path)
 
 
 def test_download_at_a_published_step_resumes_in_megapico(run, published, sample_prefix, tmp_path):
@@ -292,6 +304,8 @@ def test_failing_or_hanging_hub_never_blocks_the_caller(run, tmp_path, monkeypat
             time.sleep(0.2)
         assert len(warnings) == 1 and "failed (exit 1)" in warnings[0] and "500" in warnings[0], warnings
         assert "attempt 2 of 2" in warnings[0]
+        token = os.environ["HF_TOKEN"]  # the child's only way to it: its environment, never argv or the log
+        assert token not in " ".join(publisher.command) and token not in (run_dir / "publish.log").read_text()
         assert publisher.close(timeout_s=5) == [
             f"publishing to org/failing@{BRANCH}: the last attempt failed (exit 1); `python tools/publish_run.py "
             f"{run_dir} --repo-id org/failing --branch {BRANCH} --training-state last` sends what is left"]
@@ -326,12 +340,10 @@ def test_incomplete_checkpoint_is_left_for_later(tmp_path):
 def test_pruned_checkpoint_publishes_its_kept_export(run, hub, published, tmp_path):
     """checkpointing.keep_last pruned step 0: its HF model is the export it kept (with megapico's modelling file),
     its learning dynamics are sent, and it has no training state to send."""
-    from megapico.convert.hf_export import MODELLING_FILE
     from megapico.convert.retention import prune_checkpoint
 
     api, _ = published
-    copy = tmp_path / "runs" / BRANCH
-    shutil.copytree(run[0] / "checkpoints" / "step_0", copy / "checkpoints" / "step_0")
+    copy = copy_of_step_0(run, tmp_path)
     prune_checkpoint(copy / "checkpoints" / "step_0")
     publish_run(copy, "org/pruned", training_state="every", endpoint=hub.url)
     commits = history(api, "org/pruned")
@@ -347,15 +359,157 @@ def test_background_publisher_from_config(tmp_path):
     from megapico.config import load_config
 
     assert BackgroundPublisher.from_config(load_config(None, [])) is None
-    config = load_config(None, ["checkpointing.save_to_hf=true", "checkpointing.hf_checkpoint.repo_id=org/tiny",
-                                f"checkpointing.runs_dir={tmp_path}", "checkpointing.run_name=run-7",
-                                "checkpointing.hf_checkpoint.collection_slug=org/runs-1",
+    settings = ["checkpointing.save_to_hf=true", "checkpointing.hf_checkpoint.repo_id=org/tiny",
+                f"checkpointing.runs_dir={tmp_path}", "checkpointing.run_name=run-7", f"data.tokenizer={TOKENIZER}"]
+    config = load_config(None, [*settings, "checkpointing.hf_checkpoint.collection_slug=org/runs-1",
                                 "checkpointing.hf_checkpoint.training_state=never"])
     publisher = BackgroundPublisher.from_config(config)
     assert publisher.command[1:] == [str(REPO / "tools" / "publish_run.py"), str(tmp_path / "run-7"), "--repo-id",
                                      "org/tiny", "--branch", "run-7", "--training-state", "never",
-                                     "--collection-slug", "org/runs-1", "--retries", "5", "--live"]
+                                     "--collection-slug", "org/runs-1", "--tokenizer", str(TOKENIZER), "--retries",
+                                     "5", "--live"]
     assert publisher.poll() == [] and publisher.close(timeout_s=1) == []  # nothing saved, nothing started
+    public = load_config(None, [*settings, "checkpointing.hf_checkpoint.private=false"])
+    public = BackgroundPublisher.from_config(public)
+    assert "--public" in public.command
+    with pytest.raises(ConfigError, match=r"^branch 'main': not a run branch"):
+        BackgroundPublisher.from_config(load_config(None, [*settings, "checkpointing.run_name=main"]))
+
+
+def copy_of_step_0(run, tmp_path):
+    """runs/RUN with the run's step_0 checkpoint and its own tokenizer copy, to be changed by a test."""
+    copy = tmp_path / "runs" / BRANCH
+    shutil.copytree(run[0] / "checkpoints" / "step_0", copy / "checkpoints" / "step_0")
+    shutil.copyfile(TOKENIZER, copy / "tokenizer.json")
+    return copy
+
+
+def test_received_run_passes_nothing_on_as_found(run, hub, published, tmp_path, monkeypatch):
+    """A planted export cache is neither used nor deleted; a file swapped for a link after the checks is refused
+    (before it is opened) or sent as it was (after); a hard-linked file is refused. The secret never reaches the Hub."""
+    api, _ = published
+    copy = copy_of_step_0(run, tmp_path)
+    step_0 = copy / "checkpoints" / "step_0"
+    key = hashlib.sha256((step_0 / "manifest.json").read_bytes()).hexdigest()[:12]
+    planted = copy / ".publish" / f"step_0-{key}"  # where the old publisher looked for its export of step_0
+    planted.mkdir(parents=True)
+    (planted / "config.json").write_text(json.dumps({"model_type": "pico_decoder", "auto_map": {
+        "AutoModelForCausalLM": "evil/repo--modeling.Evil"}}))
+    (planted / "model.safetensors").write_bytes(b"not a model")
+    secret = tmp_path / "secret"
+    secret.write_text('{"hf_token": 1.0}')
+    state_file = step_0 / "megapico_state.json"
+    original = state_file.read_bytes()
+    real_commit = Publication.commit
+
+    def swap_before_open(self, artifact, files, revision):
+        if artifact.title.startswith("Saving megapico Training State"):
+            state_file.unlink()
+            state_file.symlink_to(secret)
+        return real_commit(self, artifact, files, revision)
+
+    monkeypatch.setattr(Publication, "commit", swap_before_open)
+    with pytest.raises(PublishError, match=r"megapico_state.json: cannot be opened as a plain file"):
+        publish_run(copy, "org/received", training_state="every", endpoint=hub.url)
+    assert planted.is_dir()  # not ours: left alone
+    config = json.loads(open(hf_hub_download("org/received", "config.json", revision=BRANCH,
+                                             cache_dir=tmp_path / "c1", endpoint=hub.url)).read())
+    assert "evil" not in json.dumps(config) and config["d_model"] == 96
+    assert "megapico_state/megapico_state.json" not in api.list_repo_files("org/received", revision=BRANCH)
+
+    state_file.unlink()
+    state_file.write_bytes(original)
+    eval_file = copy / "eval_results" / "step_0.json"
+    eval_file.parent.mkdir()
+    os.link(secret, eval_file)  # another name for a file outside the run
+    real_create = HfApi.create_commit
+
+    def swap_after_open(self, repo_id, operations, **kwargs):
+        if kwargs["commit_message"].startswith("Saving megapico Training State"):
+            state_file.unlink()
+            state_file.symlink_to(secret)
+        return real_create(self, repo_id, operations, **kwargs)
+
+    monkeypatch.setattr(Publication, "commit", real_commit)
+    monkeypatch.setattr(HfApi, "create_commit", swap_after_open)
+    with pytest.raises(PublishError, match=r"eval_results/step_0.json: has 2 hard links"):
+        publish_run(copy, "org/received", training_state="every", endpoint=hub.url)
+    got = hf_hub_download("org/received", "megapico_state/megapico_state.json", revision=BRANCH,
+                          cache_dir=tmp_path / "c2", endpoint=hub.url)
+    assert open(got, "rb").read() == original  # the bytes of the file opened, not the link's
+    assert "eval_results/step_0.json" not in api.list_repo_files("org/received", revision=BRANCH)
+
+
+def test_run_branch_is_never_main_nor_a_ref(run, capsys):
+    for branch in ("main", "refs/heads/x", "a..b", "HEAD"):
+        assert publish_main([str(run[0]), "--repo-id", "org/x", "--branch", branch]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: branch '{branch}': not a run branch") and err.count("\n") == 1, err
+
+
+def test_pico_run_directory_publishes_as_pico_train(run, pico_run, published, hub, tmp_path, monkeypatch, capsys):
+    """tools/publish_run.py runs/pico/RUN: pico-train's commits with the same HF files as the megapico run's own
+    publication (made anew, not copied), --public, a rerun sends nothing, and pico-analyze reads it."""
+    api, _ = published
+    assert (pico_run / "checkpoints" / "latest").is_symlink()
+    with monkeypatch.context() as patch:  # HF_ENDPOINT, as huggingface_hub read it at import
+        patch.setattr(constants, "ENDPOINT", hub.url)
+        assert publish_main([str(pico_run), "--repo-id", "org/pico", "--public", "--backoff-s", "0.01"]) == 0, \
+            capsys.readouterr().err
+    assert [c.title for c in history(api, "org/pico")] == expected_titles(set())
+    assert not hub.repos["org/pico"].private
+    for name in ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                 "tokenizer_config.json", "pico_decoder.py", "eval_results/step_2.json"):
+        mine = hf_hub_download("org/pico", name, revision=BRANCH, cache_dir=tmp_path / "c", endpoint=hub.url)
+        theirs = hf_hub_download("org/tiny", name, revision=BRANCH, cache_dir=tmp_path / "c", endpoint=hub.url)
+        assert open(mine, "rb").read() == open(theirs, "rb").read(), name
+    requests = len(hub.requests)
+    lines = publish_pico_run(pico_run, "org/pico", endpoint=hub.url)
+    assert lines == [f"org/pico@{BRANCH}: 9 of 9 commits already there, 0 to send"]
+    assert not [line for line in hub.requests[requests:] if line.startswith(SEND) and "/branch/" not in line]
+    assert_pico_analyze_reads(hub, "org/pico", pico_run, tmp_path)
+
+
+def test_pico_run_directory_passes_nothing_on_as_found(pico_run, hub, tmp_path):
+    """A received pico run directory: its config.json's auto_map and pico_decoder.py never reach the Hub; a link
+    other than pico's checkpoints/latest -> step_N, or training_config.yaml with a Python tag, is refused in one line
+    before anything is contacted."""
+    received = tmp_path / "pico" / BRANCH
+    shutil.copytree(pico_run / "checkpoints" / "step_0", received / "checkpoints" / "step_0")
+    shutil.copyfile(pico_run / "training_config.yaml", received / "training_config.yaml")
+    (received / "checkpoints" / "latest").symlink_to("step_0")
+    step_0 = received / "checkpoints" / "step_0"
+    config = json.loads((step_0 / "config.json").read_text())
+    config["auto_map"]["AutoModelForCausalLM"] = "evil/repo--modeling.Evil"
+    (step_0 / "config.json").write_text(json.dumps(config))
+    (step_0 / "pico_decoder.py").write_text("import os; os.system('echo the sender ran this')")
+    publish_pico_run(received, "org/received-pico", endpoint=hub.url)
+    api = HfApi(endpoint=hub.url)
+    assert [c.title for c in history(api, "org/received-pico")] == expected_titles(set())[:6]
+    for name, unwanted in (("config.json", b"evil"), ("pico_decoder.py", b"the sender")):
+        got = open(hf_hub_download("org/received-pico", name, revision=BRANCH, cache_dir=tmp_path / "c",
+                                   endpoint=hub.url), "rb").read()
+        assert unwanted not in got
+    assert got == MODELLING_FILE.read_bytes()
+
+    requests = len(hub.requests)
+    latest = received / "checkpoints" / "latest"
+    for target in ("/etc", "../../elsewhere", "step_9"):
+        latest.unlink()
+        latest.symlink_to(target)
+        with pytest.raises(CheckpointError, match=r"latest: a link to .*pico's latest names a step_N directory"):
+            publish_pico_run(received, "org/x", endpoint=hub.url)
+    latest.unlink()
+    latest.symlink_to("step_0")
+    (step_0 / "tokenizer.json").rename(tmp_path / "tokenizer.json")
+    (step_0 / "tokenizer.json").symlink_to(tmp_path / "tokenizer.json")
+    with pytest.raises(CheckpointError, match=r"tokenizer.json: a symbolic link .*a pico run directory holds plain"):
+        publish_pico_run(received, "org/x", endpoint=hub.url)
+    (step_0 / "tokenizer.json").unlink()
+    (received / "training_config.yaml").write_text("checkpointing: !!python/object/apply:os.system ['echo x']\n")
+    with pytest.raises(CheckpointError, match=r"training_config.yaml: not plain YAML"):
+        publish_pico_run(received, "org/x", endpoint=hub.url)
+    assert len(hub.requests) == requests
 
 
 def test_training_publishes_off_the_training_path_even_when_the_hub_hangs(sample_prefix, tmp_path, monkeypatch,

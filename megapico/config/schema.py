@@ -115,10 +115,14 @@ class TrainingConfig:
 class EvaluationConfig:
     interval: int = 1000
     """Evaluate every N steps (and at the end); 0 = only at the end."""
-    max_batches: int = 0
-    """Micro batches per evaluation on each DP rank; 0 = the whole eval set."""
-    name: str = "paloma"
-    """Key of the perplexity in eval_results/step_N.json and wandb (eval/<name>)."""
+    max_sequences: int = 0
+    """Sequences (seq_len samples, or texts for perplexity=pico) per evaluation, for the whole run: the first N of
+    the eval set, split over the DP ranks, so every layout and every resume scores the same set; 0 (or more than
+    the set holds) = the whole eval set. Counted in sequences, not in Megatron's --eval-iters global batches, so
+    the set stays the same when the global batch changes (Megatron's eval_iters x global_batch_size = this)."""
+    name: str = "valid"
+    """Key of the perplexity in eval_results/step_N.json and wandb (eval/<name>): name the set it measures (pico's
+    recipes: paloma for pico's Paloma texts; the default eval set is the train prefix's valid split)."""
     perplexity: str = "tokens"
     """tokens (exp of the mean token NLL over seq_len samples of the eval set) | pico (pico-train's Paloma: each
     document of the eval prefix is one text, its first model.max_seq_len tokens scored with no start token,
@@ -154,6 +158,8 @@ class HfCheckpointConfig:
     """The Hub model repository, ORG/NAME; the run is published on the branch named after checkpointing.run_name."""
     collection_slug: str = ""
     """A Hub collection to add the repository to (empty: none)."""
+    private: bool = True
+    """Create the repository private (a run is published only where its owner chose; false: public, as pico-lm's)."""
     training_state: str = "last"
     """Which checkpoints also publish megapico's training state (DeepSpeed files, under megapico_state/, which a
     download of the branch resumes from): every | last (only the newest; large's optimizer state is gigabytes per

@@ -5,9 +5,13 @@ hanging Hub never stalls a step; the child's output goes to runs/RUN/publish.log
 checkpoint is remembered and one more child starts when it ends (each child sends everything the branch lacks, so
 one run covers any number of checkpoints). A child that fails becomes one warning line; the next checkpoint tries
 again. close() waits for the children up to a limit and says what is done and what is left.
+
+The token reaches the child only through its environment (HF_TOKEN, or the login file it reads itself): never its
+command line, which publish.log records.
 """
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -20,16 +24,34 @@ from megapico.config.load import CHOICES
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "publish_run.py"
 LOG_FILE = "publish.log"
 TRAINING_STATES = CHOICES["checkpointing.hf_checkpoint.training_state"]
+BRANCH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def run_branch(name: str) -> str:
+    """`name` if it can be a run's branch: a run name (letters, digits, '.', '_', '-'), not `main` (the newest
+    checkpoint of whichever run updates it: --update-main), nor HEAD, nor a ref git would read another way ('..',
+    '.lock', a '/' as in refs/...)."""
+    if (not BRANCH.fullmatch(name) or name.lower() in ("main", "head") or ".." in name
+            or name.endswith((".", ".lock"))):
+        raise ConfigError(f"branch '{name[:80]}': not a run branch (a run publishes on a branch of its own, named "
+                          f"with letters, digits, '.', '_' and '-', never main); set checkpointing.run_name or "
+                          f"--branch")
+    return name
 
 
 class BackgroundPublisher:
     def __init__(self, run_dir: Path, repo_id: str, branch: str, training_state: str = "last",
-                 collection_slug: str = "", retries: int = 5, extra_args: tuple[str, ...] = ()):
+                 collection_slug: str = "", retries: int = 5, extra_args: tuple[str, ...] = (), private: bool = True,
+                 tokenizer: str = ""):
         self.run_dir = Path(run_dir).absolute()
-        self.target = f"{repo_id}@{branch}"
+        self.target = f"{repo_id}@{run_branch(branch)}"
         arguments = [str(self.run_dir), "--repo-id", repo_id, "--branch", branch, "--training-state", training_state]
         if collection_slug:
             arguments += ["--collection-slug", collection_slug]
+        if not private:
+            arguments += ["--public"]
+        if tokenizer:  # the run's own config names it: the child need not take it from a checkpoint's config
+            arguments += ["--tokenizer", str(Path(tokenizer).absolute())]
         self.resume_command = f"python tools/publish_run.py {' '.join(arguments)}"
         self.command = [sys.executable, str(TOOL), *arguments, "--retries", str(retries), "--live", *extra_args]
         self.log_path = self.run_dir / LOG_FILE
@@ -41,7 +63,7 @@ class BackgroundPublisher:
     @classmethod
     def from_config(cls, config: MegapicoConfig) -> "BackgroundPublisher | None":
         """The publisher checkpointing.save_to_hf asks for (None when it is off; the config's own checks have
-        passed); starts nothing."""
+        passed); starts nothing. A run name that cannot be a run branch (main) is a ConfigError here, at start-up."""
         checkpointing = config.checkpointing
         if not checkpointing.save_to_hf:
             return None
@@ -49,7 +71,8 @@ class BackgroundPublisher:
         if not TOOL.is_file():
             raise ConfigError(f"{TOOL}: missing; checkpointing.save_to_hf runs it (use a source checkout of megapico)")
         return cls(Path(checkpointing.runs_dir) / checkpointing.run_name, hub.repo_id, checkpointing.run_name,
-                   hub.training_state, hub.collection_slug, hub.retries)
+                   hub.training_state, hub.collection_slug, hub.retries, private=hub.private,
+                   tokenizer=config.data.tokenizer)
 
     def checkpoint_saved(self) -> None:
         """A checkpoint is complete: publish it now, or as soon as the running child ends. Never blocks."""
