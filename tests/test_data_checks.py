@@ -162,3 +162,27 @@ def test_merge_keeps_the_record_and_refuses_two_tokenizers(tmp_path, capsys):
     assert merge_main(["--input", str(tmp_path / "parts"), "--output-prefix", str(tmp_path / "mixed")]) == 1
     assert "were built with different tokenizers" in capsys.readouterr().err
     assert not list(tmp_path.glob("mixed*"))
+
+
+def test_a_record_that_is_not_its_datas_is_refused(tmp_path, sample_prefix):
+    """A received record is checked against the .idx it sits beside: counts of other data (or fields of the wrong
+    type) are one line, not believed. (Its max_token_id cannot be checked without reading the whole .bin: the
+    datasets check each sample's ids as read, tests/test_hostile_inputs.py.)"""
+    for suffix in (".bin", ".idx"):
+        shutil.copy(f"{sample_prefix}{suffix}", tmp_path / f"data{suffix}")
+    prefix = str(tmp_path / "data")
+    honest = read_record(sample_prefix)
+    dataset = IndexedDataset(prefix)
+    record_path(prefix).write_text(json.dumps({**honest, "documents": 3, "max_token_id": 100}))
+    with pytest.raises(DataError) as caught:
+        check_tokenizer_for_data([prefix], None, 1000)
+    assert str(caught.value) == (f"{record_path(prefix)}: records 3 documents / {honest['tokens']:,} tokens, but "
+                                 f"{prefix}.idx holds {len(dataset):,} / {dataset.num_tokens:,}: the record is not "
+                                 f"this data's; re-preprocess the data, or delete the file to skip the tokenizer "
+                                 f"checks")
+    for wrong in ({"tokens": "240747"}, {"tokenizer": "anything"}, {"documents": True}):
+        record_path(prefix).write_text(json.dumps({**honest, **wrong}))
+        with pytest.raises(DataError, match="not a megapico data record of format 1"):
+            check_tokenizer_for_data([prefix], None, VOCAB)
+    record_path(prefix).write_text(json.dumps(honest))
+    check_tokenizer_for_data([prefix], str(TOKENIZER), VOCAB)  # its own record, copied along: fine

@@ -80,3 +80,27 @@ def test_main_draws_the_run(tmp_path, capsys):
     assert main([str(run), "--output", str(tmp_path / "out.png")]) == 0
     assert f"wrote {tmp_path / 'out.png'}" in capsys.readouterr().out
     assert (tmp_path / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_link_at_the_png_is_replaced_not_written_through(tmp_path, capsys):
+    """A received run directory with metrics.png -> a file outside it: the plot replaces the link with its own
+    file; the outside file keeps its bytes."""
+    run = _write_run(tmp_path / "run", "[]")
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not yours to overwrite")
+    (run / "metrics.png").symlink_to(outside)
+    assert main([str(run)]) == 0
+    assert outside.read_text() == "not yours to overwrite"
+    assert not (run / "metrics.png").is_symlink() and (run / "metrics.png").read_bytes()[:4] == b"\x89PNG"
+    assert [p.name for p in run.iterdir() if p.name.startswith(".")] == []  # no temporary left behind
+
+
+def test_records_that_resolve_outside_the_run_are_refused(tmp_path, capsys):
+    run = _write_run(tmp_path / "run", "[]")
+    outside = tmp_path / "elsewhere.jsonl"
+    (run / "metrics.jsonl").rename(outside)
+    (run / "metrics.jsonl").symlink_to(outside)
+    assert main([str(run)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {run / 'metrics.jsonl'}: resolves to {outside}, outside {run}; refusing it")
+    assert err.count("\n") == 1 and not (run / "metrics.png").exists()

@@ -221,3 +221,10 @@ def test_directory_without_input_files(tmp_path, capsys):
     assert _run(tmp_path, tmp_path / "docs") == 1
     assert f"error: {tmp_path / 'docs'}: no input found (want a .jsonl" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["docs"]
+
+
+def test_a_last_line_without_its_newline_is_a_document(tmp_path, reference_ids, documents):
+    """Many JSON-lines writers end the file without a newline; that last document was silently dropped."""
+    (tmp_path / "in.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in documents[:3]))
+    assert _run(tmp_path, tmp_path / "in.jsonl") == 0
+    _assert_documents(tmp_path / "out_text_document", reference_ids[:3])

@@ -7,6 +7,8 @@ after a fall-back replace their old records; each launch adds {"step", "event": 
 "global_batch"}). Every resume is a dashed vertical line labelled with its layout, drawn red where the layout or
 the global batch changed. The eval curve is named after what it measured, from runs/RUN/config.yaml: the
 evaluation.name of a separate held-out set (data.eval_data_path), else the valid split of the training data.
+The run directory may be someone else's: its files are read only where they resolve inside it, and the PNG is
+written under a temporary name and renamed, so a link at metrics.png is replaced, never written through.
 """
 
 import argparse
@@ -21,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.transforms import offset_copy  # noqa: E402
 
+from megapico.checkpoint.paths import CheckpointError, inside, replacing  # noqa: E402
 from megapico.config import ConfigError, load_config  # noqa: E402
 
 PANELS = (("train/loss", "train loss"), ("trainer/learning_rate", "learning rate"), ("trainer/grad_norm", "grad norm"),
@@ -40,7 +43,7 @@ def read_records(path: Path) -> list[dict]:
 
 def eval_set_names(config_path: Path) -> dict[str, str]:
     """{eval metric key: the set it measured} from the run's saved config (ConfigError when it cannot be read)."""
-    config = load_config(config_path, received=True)  # a saved config: read as plain values
+    config = load_config(config_path)
     name = config.evaluation.name
     return {f"eval/{name}": name if config.data.eval_data_path else VALID_SPLIT}
 
@@ -113,18 +116,24 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(args.run_dir)
     output = Path(args.output) if args.output else run_dir / "metrics.png"
     try:
-        records = read_records(run_dir / "metrics.jsonl")
-    except (FileNotFoundError, ValueError) as err:
+        records = read_records(inside(run_dir, run_dir / "metrics.jsonl"))
+    except (FileNotFoundError, ValueError) as err:  # CheckpointError is a ValueError
         print(f"error: {err}", file=sys.stderr)
         return 1
     try:
-        eval_names = eval_set_names(run_dir / "config.yaml")
-    except ConfigError as err:
+        eval_names = eval_set_names(inside(run_dir, run_dir / "config.yaml"))
+    except (ConfigError, CheckpointError) as err:
         print(f"warning: {err}; eval curves are named by their metric keys", file=sys.stderr)
         eval_names = {}
     figure = plot(records, run_dir.name, eval_names)
-    figure.savefig(output, dpi=100)
-    plt.close(figure)
+    try:
+        with replacing(output) as tmp:  # a link planted at the name is replaced, never written through
+            figure.savefig(tmp, dpi=100, format="png")
+    except OSError as err:
+        print(f"error: {output}: cannot write it ({err.strerror or err})", file=sys.stderr)
+        return 1
+    finally:
+        plt.close(figure)
     print(f"wrote {output}")
     return 0
 

@@ -14,6 +14,7 @@ import sys
 
 from megapico.data.indexed_dataset import DataError
 from megapico.data.preprocess import PreprocessOptions, preprocess
+from megapico.data.readers import MAX_DOCUMENT_BYTES
 from megapico.data.tokenizer import BACKENDS, TOKENIZER_TYPES
 
 
@@ -27,6 +28,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     group.add_argument("--hf-split", default="train", help="split of a saved HF DatasetDict")
     group.add_argument("--skip-bad-records", action="store_true",
                        help="count and skip malformed records instead of stopping at the first one")
+    group.add_argument("--max-document-bytes", type=int, default=MAX_DOCUMENT_BYTES,
+                       help="longest JSON line read, in bytes (default 64 MiB, far above any Dolma document); a "
+                            "longer one is a bad record, refused or skipped without being held in memory")
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", choices=sorted(TOKENIZER_TYPES), default=None,
                        help="default: SentencePieceTokenizer for a .model file, else HuggingFaceTokenizer")
@@ -49,12 +53,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.max_document_bytes < 1:
+        print(f"error: --max-document-bytes must be positive, got {args.max_document_bytes}", file=sys.stderr)
+        return 1
     options = PreprocessOptions(
         input=args.input, output_prefix=args.output_prefix, json_keys=args.json_keys,
         tokenizer_model=args.tokenizer_model, tokenizer_type=args.tokenizer_type,
         tokenizer_backend=args.tokenizer_backend, append_eod=args.append_eod,
         workers=max(1, args.workers), skip_bad_records=args.skip_bad_records, hf_split=args.hf_split,
-        vocab_size=args.vocab_size)
+        vocab_size=args.vocab_size, max_document_bytes=args.max_document_bytes)
     try:
         summary = preprocess(options)
     except DataError as err:

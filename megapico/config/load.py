@@ -4,6 +4,7 @@ Order of precedence: schema defaults < model_preset < YAML file < command-line `
 Unknown keys and wrong types are errors (never silently dropped); cross-field facts are checked once here.
 """
 
+import difflib
 import os
 import re
 import tempfile
@@ -35,6 +36,19 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _spelling_hint(key: str) -> str:
+    """"did you mean 'training.lr'?" for a misspelled 'training.lrr': the closest of the schema's keys at that
+    level (difflib), or where to look when none is close."""
+    parent, _, name = key.rpartition(".")
+    level = OmegaConf.select(OmegaConf.structured(MegapicoConfig), parent) if parent else OmegaConf.structured(
+        MegapicoConfig)
+    keys = [str(k) for k in level.keys()] if isinstance(level, DictConfig) else []
+    close = difflib.get_close_matches(name, keys, n=1)
+    if close:
+        return f"did you mean '{f'{parent}.' if parent else ''}{close[0]}'?"
+    return "check the spelling against megapico/config/schema.py"
+
+
 def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, other)
@@ -42,13 +56,12 @@ def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
         key = getattr(err, "full_key", "") or "?"
         msg = str(err).splitlines()[0]
         if "not in" in msg or "Key '" in msg:
-            raise ConfigError(f"{source}: unknown config key '{key}' (check the spelling against "
-                              f"megapico/config/schema.py)") from None
+            raise ConfigError(f"{source}: unknown config key '{key}' ({_spelling_hint(key)})") from None
         raise ConfigError(f"{source}: bad value for '{key}': {msg}") from None
 
 
 def _interpolation(value: object, key: str = "") -> str | None:
-    """The dotted key of the first `${...}` value in a plain container, or None."""
+    """The dotted key of the first `${...}` value (escaped or not) in a plain container, or None."""
     if isinstance(value, dict):
         items = value.items()
     elif isinstance(value, list):
@@ -72,11 +85,44 @@ def _as_list_if_listed(item: str) -> str:
     return f"{key}=[{value}]" if listed and not value.strip().startswith("[") else item
 
 
+def _interpolation_message(source: str, key: str) -> str:
+    return (f"{source}: '{key}' is an interpolation (${{...}}); megapico reads configs as plain values, never "
+            f"resolved from the environment or other keys: write the value itself")
+
+
+def _refuse_interpolation(values: DictConfig, source: str) -> None:
+    """OmegaConf resolves `${...}` when the tree is built: `${oc.env:HF_TOKEN}` would copy a secret from the
+    environment into the saved config.yaml, every checkpoint and the Hub, and `${other.key}` or a resolver makes a
+    value something its file does not say. A config is plain values, so any interpolation is refused, before
+    anything reads a value (even an error message quoting a resolved value would leak it)."""
+    if key := _interpolation(OmegaConf.to_container(values, resolve=False)):
+        raise ConfigError(_interpolation_message(source, key))
+
+
+REPLACED: dict[str, str] = {
+    "evaluation.max_batches": "evaluation.max_sequences (sequences per evaluation for the whole run, split over the "
+                              "DP ranks; 0 = the whole eval set): max_batches counted micro batches per DP rank",
+}
+
+
+def _replaced_keys(values: DictConfig, source: str, received: bool) -> None:
+    """A key an earlier megapico had: named by the user, one line giving its replacement; in a config saved by that
+    release (received), dropped."""
+    for old, new in REPLACED.items():
+        parent, _, name = old.rpartition(".")
+        section = OmegaConf.select(values, parent)
+        if isinstance(section, DictConfig) and name in section:
+            if not received:
+                raise ConfigError(f"{source}: '{old}' was replaced by {new}")
+            del section[name]
+
+
 def load_config(yaml_path: str | Path | None = None, overrides: Sequence[str] = (),
                 received: bool = False) -> MegapicoConfig:
-    """Build the run's config from an optional YAML file and `section.key=value` overrides. received=True: the
-    YAML came with a checkpoint or run directory (someone else's file), so OmegaConf's `${...}` interpolations,
-    which read environment variables (`${oc.env:HF_TOKEN}`) and other keys, are refused instead of resolved."""
+    """Build the run's config from an optional YAML file and `section.key=value` overrides. Every YAML and override
+    is read as plain values: a `${...}` interpolation anywhere is refused (_refuse_interpolation). received=True:
+    the YAML was saved with a checkpoint or run directory, so a key an earlier release had is dropped (REPLACED)
+    instead of refused, and the run still resumes, converts and plots."""
     merged = OmegaConf.structured(MegapicoConfig)
     yaml_cfg = OmegaConf.create()
     if yaml_path is not None:
@@ -89,13 +135,23 @@ def load_config(yaml_path: str | Path | None = None, overrides: Sequence[str] = 
             raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
         if not isinstance(yaml_cfg, DictConfig):
             raise ConfigError(f"{path}: top level must be a mapping of sections (model:, training:, ...)")
-        if received and (key := _interpolation(OmegaConf.to_container(yaml_cfg, resolve=False))):
-            raise ConfigError(f"{path}: '{key}' is an interpolation (${{...}}); a config that came with a checkpoint "
-                              f"is read as plain values, never resolved: replace it with the value")
+        _refuse_interpolation(yaml_cfg, str(path))
+        _replaced_keys(yaml_cfg, str(path), received)
     bad = [item for item in overrides if "=" not in item or item.startswith("=")]
     if bad:
         raise ConfigError(f"command line: override '{bad[0]}' is not of the form section.key=value")
-    cli_cfg = OmegaConf.from_dotlist([_as_list_if_listed(item) for item in overrides])
+    cli_cfg = OmegaConf.create()
+    for item in overrides:
+        key, value = item.split("=", 1)
+        if "${" in value:  # before YAML parses it (`[${...}]` is not even valid YAML)
+            raise ConfigError(_interpolation_message("command line", key.strip()))
+        try:
+            cli_cfg.merge_with_dotlist([_as_list_if_listed(item)])
+        except Exception as err:  # a value YAML cannot parse (an unclosed bracket): one line, not yaml's traceback
+            raise ConfigError(f"command line: override '{item}' is not a valid value: {str(err).splitlines()[0]} "
+                              f"(write a list as [a,b])") from None
+    _refuse_interpolation(cli_cfg, "command line")
+    _replaced_keys(cli_cfg, "command line", received=False)
 
     preset = OmegaConf.select(cli_cfg, "model_preset") or OmegaConf.select(yaml_cfg, "model_preset")
     if preset:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from megapico.data.index_cache import load_or_build
-from megapico.data.indexed_dataset import DataError, IndexedDataset
+from megapico.data.index_cache import cache_directory, load_or_build, write_text
+from megapico.data.indexed_dataset import DataError, IndexedDataset, check_vocabulary
 
 SPLIT_NAMES = ("train", "valid", "test")
 
@@ -82,8 +82,8 @@ class GPTDataset:
     """Samples of seq_len + 1 tokens (inputs + shifted targets) from one split of one prefix."""
 
     def __init__(self, indexed: IndexedDataset, split_name: str, num_samples: int, seq_len: int, seed: int,
-                 split: str = "969,30,1", cache_dir: str | Path | None = None) -> None:
-        self.indexed, self.seq_len = indexed, seq_len
+                 split: str = "969,30,1", cache_dir: str | Path | None = None, vocab_size: int | None = None) -> None:
+        self.indexed, self.seq_len, self.vocab_size = indexed, seq_len, vocab_size
         begin, end = split_document_ranges(len(indexed), split)[SPLIT_NAMES.index(split_name)]
         if end <= begin:
             raise DataError(f"{indexed.prefix}: split '{split}' leaves no documents for '{split_name}'")
@@ -97,14 +97,13 @@ class GPTDataset:
                            split=split, split_name=split_name, num_samples=num_samples, seq_len=seq_len, seed=seed)
         digest = hashlib.md5(json.dumps(description, sort_keys=True).encode()).hexdigest()
         self.description_digest = digest
-        cache = Path(cache_dir) if cache_dir else Path(indexed.prefix).parent / "index-cache"
+        cache = cache_directory(cache_dir, indexed.prefix)
         paths = {name: cache / f"{digest}-{name}.npy" for name in ("document_index", "sample_index", "shuffle_index")}
         self.cache_hit = all(p.is_file() for p in paths.values())
         started = time.perf_counter()
 
         def build() -> dict[str, np.ndarray]:
-            cache.mkdir(parents=True, exist_ok=True)
-            (cache / f"{digest}-description.json").write_text(json.dumps(description, indent=2))
+            write_text(cache / f"{digest}-description.json", json.dumps(description, indent=2))
             return self._build(tokens_per_epoch, num_samples, seed)
 
         arrays, built = load_or_build(paths, build)
@@ -131,14 +130,19 @@ class GPTDataset:
         return len(self.shuffle_index)
 
     def __getitem__(self, index: int) -> np.ndarray:
+        """The sample's seq_len + 1 token ids, each checked to fit vocab_size where given (check_vocabulary)."""
         sample = int(self.shuffle_index[index])
         (first_pos, first_offset), (last_pos, last_offset) = self.sample_index[sample], self.sample_index[sample + 1]
         if first_pos == last_pos:
-            tokens = self.indexed.get(int(self.document_index[first_pos]), int(first_offset),
-                                      int(last_offset - first_offset + 1))
+            pieces = [(first_pos, self.indexed.get(int(self.document_index[first_pos]), int(first_offset),
+                                                   int(last_offset - first_offset + 1)))]
         else:
-            pieces = [self.indexed.get(int(self.document_index[first_pos]), int(first_offset))]
-            pieces += [self.indexed.get(int(self.document_index[p])) for p in range(first_pos + 1, last_pos)]
-            pieces.append(self.indexed.get(int(self.document_index[last_pos]), 0, int(last_offset) + 1))
-            tokens = np.concatenate(pieces)
-        return np.asarray(tokens, dtype=np.int64)
+            pieces = [(first_pos, self.indexed.get(int(self.document_index[first_pos]), int(first_offset)))]
+            pieces += [(p, self.indexed.get(int(self.document_index[p]))) for p in range(first_pos + 1, last_pos)]
+            pieces.append((last_pos, self.indexed.get(int(self.document_index[last_pos]), 0, int(last_offset) + 1)))
+        tokens = np.concatenate([piece for _, piece in pieces], dtype=np.int64)
+        if self.vocab_size is not None and (tokens.max() >= self.vocab_size or tokens.min() < 0):
+            for position, piece in pieces:  # name the document
+                check_vocabulary(piece.astype(np.int64), self.vocab_size, self.indexed.prefix,
+                                 int(self.document_index[position]))
+        return tokens

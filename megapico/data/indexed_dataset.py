@@ -29,6 +29,18 @@ class DataError(ValueError):
     """Bad data or a bad file; the message is one line naming the file and what is wrong."""
 
 
+def check_vocabulary(ids: np.ndarray, vocab_size: int | None, prefix: str, document: int) -> None:
+    """Every id of `document` (of the data at `prefix`) must fit the model's vocabulary. Checked where samples are
+    read: a data record (.megapico.json) is the sender's word, and the start-up check reads no more than it (or,
+    without one, the first 16M tokens), so an id past the vocabulary would otherwise reach the embedding."""
+    if vocab_size is None or not len(ids) or (int(ids.max()) < vocab_size and int(ids.min()) >= 0):
+        return
+    outside = ids[(ids >= vocab_size) | (ids < 0)]
+    raise DataError(f"{prefix}: document {document} holds token id {int(outside[0])}, outside the model's vocab_size "
+                    f"{vocab_size} (whatever its .megapico.json record says); re-preprocess the data with the "
+                    f"model's tokenizer")
+
+
 def token_dtype(vocab_size: int) -> type:
     """Megatron's choice: uint16 when every id fits comfortably, int32 otherwise."""
     return np.uint16 if vocab_size is not None and vocab_size < 65500 else np.int32

@@ -2,7 +2,8 @@
 
 Work flows as chunks (readers.py): the main process reads raw bytes, workers parse JSON, validate and
 encode (tokenizer.py: tiktoken or HF's Rust batch API), and send back numpy arrays (tokens + lengths); the main
-process writes them in input order. At most 2 x workers chunks are in flight, so memory stays flat.
+process writes them in input order. At most 2 x workers chunks are in flight, and a JSON line is held only up to
+--max-document-bytes (a longer one is a bad record), so memory stays flat whatever the input.
 Text input: each file becomes an atomically finished part under `{output_prefix}.parts/`, so a re-run skips the
 files already tokenized; the parts are then merged into `{output_prefix}_{key}_document.{bin,idx}`. Token-id input
 (pretokenized-dolma's input_ids) is cheaper to read again than to copy, so it streams straight into the outputs,
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 from megapico.data.indexed_dataset import DataError, IndexedDataset, IndexedDatasetWriter, merge_datasets, token_dtype
 from megapico.data.provenance import data_record, max_token_id, remove_record, tokenizer_record, write_record
-from megapico.data.readers import Chunk, discover_sources, read_chunks
+from megapico.data.readers import MAX_DOCUMENT_BYTES, Chunk, discover_sources, read_chunks, too_long
 from megapico.data.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -46,6 +47,7 @@ class PreprocessOptions:
     skip_bad_records: bool = False
     hf_split: str = "train"
     vocab_size: int | None = None  # only for pretokenized input without a tokenizer
+    max_document_bytes: int = MAX_DOCUMENT_BYTES  # a longer JSON line is refused (or skipped), never held whole
 
 
 @dataclass
@@ -95,28 +97,35 @@ def _has_lone_surrogate(text: str) -> bool:
         return True
 
 
-def _parse_lines(chunk: Chunk, keys: list[str], skipped: Counter) -> tuple[dict[str, list[str]], str | None]:
-    """JSON lines -> texts per key; a bad record is counted (and reported as the first error)."""
+def _record_of(line: bytes, keys: list[str]) -> tuple[dict | None, str | None]:
+    """One JSON line -> (its record, None), or (None, why it is a bad record)."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError:
+        return None, "non-UTF-8 bytes"
+    except json.JSONDecodeError:
+        return None, "malformed JSON"
+    if not isinstance(record, dict):
+        return None, "not a JSON object"
+    if any(key not in record for key in keys):
+        return None, f"no key '{next(key for key in keys if key not in record)}'"
+    if any(not isinstance(record[key], str) for key in keys):
+        return None, "value is not a string"
+    if b"\\ud" in line.lower() and any(_has_lone_surrogate(record[key]) for key in keys):
+        return None, "a \\u escape of a lone UTF-16 surrogate (not text)"
+    return record, None
+
+
+def _parse_lines(chunk: Chunk, keys: list[str], skipped: Counter,
+                 max_line_bytes: int) -> tuple[dict[str, list[str]], str | None]:
+    """JSON lines -> texts per key; a bad record (or a line longer than max_line_bytes, not parsed) is counted (and
+    reported as the first error)."""
     texts: dict[str, list[str]] = {key: [] for key in keys}
     first_error = None
     for offset, line in enumerate(chunk.lines.split(b"\n")[:-1]):
         if not line.strip():
             continue
-        reason = None
-        try:
-            record = json.loads(line.decode("utf-8"))
-            if not isinstance(record, dict):
-                reason = "not a JSON object"
-            elif any(key not in record for key in keys):
-                reason = f"no key '{next(key for key in keys if key not in record)}'"
-            elif any(not isinstance(record[key], str) for key in keys):
-                reason = "value is not a string"
-            elif b"\\ud" in line.lower() and any(_has_lone_surrogate(record[key]) for key in keys):
-                reason = "a \\u escape of a lone UTF-16 surrogate (not text)"
-        except UnicodeDecodeError:
-            reason = "non-UTF-8 bytes"
-        except json.JSONDecodeError:
-            reason = "malformed JSON"
+        record, reason = (None, too_long(max_line_bytes)) if len(line) > max_line_bytes else _record_of(line, keys)
         if reason:
             skipped[reason] += 1
             first_error = first_error or f"{chunk.source}:{chunk.first_row + offset}: {reason}"
@@ -143,13 +152,16 @@ def _check_ids(chunk: Chunk, key: str, ids: np.ndarray, lengths: np.ndarray, voc
 
 
 def process_chunk(chunk: Chunk, keys: list[str], append_eod: bool, eod_id: int | None,
-                  vocab_size: int) -> ChunkResult:
+                  vocab_size: int, max_line_bytes: int = MAX_DOCUMENT_BYTES) -> ChunkResult:
     skipped: Counter = Counter()
     error = None
     if chunk.lines is not None:
-        texts, error = _parse_lines(chunk, keys, skipped)
+        texts, error = _parse_lines(chunk, keys, skipped, max_line_bytes)
     else:
         texts = chunk.texts or {}
+    if chunk.dropped is not None:  # a line the reader let go unread (too long): a bad record like the others
+        skipped[chunk.dropped] += 1
+        error = f"{chunk.source}:{chunk.first_row}: {chunk.dropped}"
     documents_in = len(next(iter(texts.values()))) if texts else 0
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for key, values in texts.items():
@@ -319,7 +331,7 @@ def _build_parts_and_merge(sources: list[str], options: PreprocessOptions, outpu
 
 def _process_source(source: str, options: PreprocessOptions, writers: dict[str, IndexedDatasetWriter],
                     pool: multiprocessing.pool.Pool | None, eod_id: int | None, vocab_size: int, tally: Tally) -> None:
-    args = (options.json_keys, options.append_eod, eod_id, vocab_size)
+    args = (options.json_keys, options.append_eod, eod_id, vocab_size, options.max_document_bytes)
     in_flight: deque = deque()
 
     def consume(result: ChunkResult) -> None:
@@ -334,7 +346,7 @@ def _process_source(source: str, options: PreprocessOptions, writers: dict[str, 
         tally.progress.update(result.num_bytes)
         tally.progress.set_postfix(docs=tally.totals["documents_in"], tokens=tally.totals["tokens"], refresh=False)
 
-    for chunk in read_chunks(source, options.json_keys, options.hf_split):
+    for chunk in read_chunks(source, options.json_keys, options.hf_split, options.max_document_bytes):
         if pool is None:
             consume(process_chunk(chunk, *args))
             continue

@@ -12,13 +12,14 @@ learning-dynamics val rows) whose documents keep their own lengths.
 
 import numpy as np
 
-from megapico.data.indexed_dataset import DataError, IndexedDataset
+from megapico.data.indexed_dataset import DataError, IndexedDataset, check_vocabulary
 
 
 class PretokenizedDataset:
-    """Document i of `indexed` is training sample i: exactly seq_len + 1 tokens (input row[:-1], labels row[1:])."""
+    """Document i of `indexed` is training sample i: exactly seq_len + 1 tokens (input row[:-1], labels row[1:]),
+    each id checked to fit vocab_size where given (check_vocabulary)."""
 
-    def __init__(self, indexed: IndexedDataset, seq_len: int) -> None:
+    def __init__(self, indexed: IndexedDataset, seq_len: int, vocab_size: int | None = None) -> None:
         lengths = indexed.sequence_lengths
         wrong = np.flatnonzero(lengths != seq_len + 1)  # one vectorised pass over the .idx
         if len(wrong):
@@ -27,7 +28,7 @@ class PretokenizedDataset:
                             f"data.samples=pretokenized needs every document to be data.seq_len + 1 = {seq_len + 1} "
                             f"({len(wrong):,} of {len(lengths):,} differ); set data.seq_len to the rows' length "
                             f"minus 1, or use data.samples=megatron")
-        self.indexed, self.seq_len = indexed, seq_len
+        self.indexed, self.seq_len, self.vocab_size = indexed, seq_len, vocab_size
 
     def steps_covered(self, global_batch: int) -> int:
         """Whole optimizer steps of `global_batch` rows the prefix holds."""
@@ -37,7 +38,9 @@ class PretokenizedDataset:
         return len(self.indexed)
 
     def __getitem__(self, index: int) -> np.ndarray:
-        return np.asarray(self.indexed.get(int(index)), dtype=np.int64)
+        row = np.asarray(self.indexed.get(int(index)), dtype=np.int64)
+        check_vocabulary(row, self.vocab_size, self.indexed.prefix, int(index))
+        return row
 
 
 class TextDocuments:
@@ -60,9 +63,6 @@ class TextDocuments:
 
     def __getitem__(self, index: int) -> np.ndarray:
         return np.asarray(self.indexed.get(int(index), 0, int(self.lengths[index])), dtype=np.int64)
-
-    def length_batches(self, max_tokens_per_batch: int, equal_lengths: bool) -> list[np.ndarray]:
-        return length_batches(self.lengths, max_tokens_per_batch, equal_lengths)
 
 
 def length_batches(lengths: np.ndarray, max_tokens_per_batch: int, equal_lengths: bool) -> list[np.ndarray]:

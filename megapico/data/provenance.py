@@ -12,6 +12,7 @@ Data built elsewhere (Megatron, older megapico) has no record, and the checks th
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +47,19 @@ def max_token_id(prefix: str | Path) -> int:
 
 
 def write_record(prefix: str | Path, record: dict) -> None:
-    """Atomically (temporary name, rename), so a reader sees the old record or the new one."""
+    """Atomically (a new temporary of random name, renamed), so a reader sees the old record or the new one, and a
+    link planted at either name is replaced, never written through."""
     path = record_path(prefix)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, path)
+    descriptor, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    mask = os.umask(0)
+    os.umask(mask)
+    os.fchmod(descriptor, 0o666 & ~mask)
+    try:
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(json.dumps(record, indent=2) + "\n")
+        os.replace(name, path)
+    finally:
+        Path(name).unlink(missing_ok=True)
 
 
 def remove_record(prefix: str | Path) -> None:
@@ -59,7 +68,10 @@ def remove_record(prefix: str | Path) -> None:
 
 
 def read_record(prefix: str | Path) -> dict | None:
-    """The prefix's record, or None when it has none (data built by Megatron or an older megapico)."""
+    """The prefix's record, or None when it has none (data built by Megatron or an older megapico). The record may
+    have come with someone else's data: its fields must have their types and its counts must be the .idx's, so a
+    stale or edited record is refused. Its max_token_id still cannot be verified without reading the whole .bin;
+    the datasets check every sample's ids as they read them (GPTDataset with vocab_size)."""
     path = record_path(prefix)
     if not path.is_file():
         return None
@@ -68,10 +80,17 @@ def read_record(prefix: str | Path) -> dict | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DataError(f"{path}: unreadable data record ({type(err).__name__}); re-preprocess the data, or delete "
                         f"the file to skip the tokenizer checks") from None
+    counts = ("max_token_id", "documents", "tokens")
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT or \
-            not isinstance(record.get("max_token_id"), int):
+            any(type(record.get(name)) is not int for name in counts) or \
+            not isinstance(record.get("tokenizer"), dict | None):
         raise DataError(f"{path}: not a megapico data record of format {RECORD_FORMAT}; re-preprocess the data, or "
                         f"delete the file to skip the tokenizer checks")
+    dataset = IndexedDataset(prefix)
+    if (record["documents"], record["tokens"]) != (len(dataset), dataset.num_tokens):
+        raise DataError(f"{path}: records {record['documents']:,} documents / {record['tokens']:,} tokens, but "
+                        f"{dataset.idx_path} holds {len(dataset):,} / {dataset.num_tokens:,}: the record is not this "
+                        f"data's; re-preprocess the data, or delete the file to skip the tokenizer checks")
     return record
 
 

@@ -9,6 +9,7 @@ texts (parquet text column, HF dataset), or already tokenized ids as a flat nump
 import glob
 import gzip
 import io
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,11 @@ JSON_SUFFIXES = (".jsonl", ".json", ".json.gz", ".jsonl.gz", ".jsonl.zst", ".jso
 SUFFIXES = (*JSON_SUFFIXES, ".parquet")
 CHUNK_BYTES = 1 << 22
 CHUNK_ROWS = 4096
+# The longest JSON line read (--max-document-bytes). Dolma's longest documents (whole books, papers with their
+# LaTeX) run to a few MB, so 64 MiB is far above any real one; yet a line is held whole while it is parsed and
+# tokenized, 2 x workers chunks at a time, so the cap is what bounds memory against one line with no end (a 32 KB
+# .jsonl.zst can hold a 1 GiB line).
+MAX_DOCUMENT_BYTES = 64 << 20
 
 
 @dataclass
@@ -33,6 +39,12 @@ class Chunk:
     lines: bytes | None = None
     texts: dict[str, list] | None = None
     token_ids: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+    dropped: str | None = None  # with lines=b"": why the line at first_row was read past and not kept
+
+
+def too_long(max_bytes: int) -> str:
+    """The reason a JSON line over the cap is refused (or, with --skip-bad-records, counted and skipped)."""
+    return f"a line longer than {max_bytes:,} bytes (raise --max-document-bytes to read it)"
 
 
 def is_saved_hf_dataset(path: Path) -> bool:
@@ -46,8 +58,12 @@ def hub_cache_snapshot(path: Path) -> Path | None:
     if not snapshots.is_dir():
         return None
     main = path / "refs" / "main"
-    if main.is_file() and (snapshots / main.read_text().strip()).is_dir():
-        return snapshots / main.read_text().strip()
+    revision = main.read_text().strip() if main.is_file() else ""
+    if revision and ("/" in revision or "\\" in revision or revision in (".", "..")):
+        raise DataError(f"{main}: names revision '{revision[:80]}', which is not a snapshot's name; refusing to "
+                        f"follow it (pass the snapshot to read, {path}/snapshots/REVISION)")
+    if revision and (snapshots / revision).is_dir():
+        return snapshots / revision
     found = sorted(p for p in snapshots.iterdir() if p.is_dir())
     if len(found) != 1:
         raise DataError(f"{path}: a HF cache folder with {len(found)} snapshots and no refs/main; pass the one to "
@@ -63,6 +79,7 @@ def discover_sources(input_spec: str) -> list[str]:
     if path.is_dir():
         path = hub_cache_snapshot(path) or path
     if is_saved_hf_dataset(path):
+        check_saved_dataset(path)  # before anything is written; _hf_chunks checks again where it reads
         return [str(path)]
     if path.is_file():
         return [str(path)]
@@ -87,21 +104,43 @@ def _open_json_stream(path: str) -> tuple[io.RawIOBase, io.BufferedIOBase]:
     return raw, raw
 
 
-def _json_chunks(path: str) -> Iterator[Chunk]:
+def _json_chunks(path: str, max_line_bytes: int) -> Iterator[Chunk]:
+    """Whole lines, about CHUNK_BYTES at a time, each ending in a newline (a last line without one gets it). The
+    line being read is kept as a list of pieces, joined once when it ends, never re-concatenated per read (which made
+    one 1 GiB line quadratic), and only up to max_line_bytes: a longer line is read on and let go, a Chunk with
+    `dropped` standing for it, so memory stays flat whatever one line's length. (Lines that end within a chunk are
+    measured exactly by the worker, preprocess._parse_lines.)"""
     raw, stream = _open_json_stream(path)
     with raw:
-        pending, line_no, consumed = b"", 1, 0
+        pieces: list[bytes] = []  # the start of the line being read; no newline among them
+        held, line_no, consumed, dropping = 0, 1, 0, False
         while True:
             block = stream.read(CHUNK_BYTES)
-            data = pending + block
-            cut = len(data) if not block else data.rfind(b"\n") + 1
-            if cut > 0:
+            at_end = not block
+            if at_end:
+                if not pieces:
+                    return
+                block = b"\n"
+            if dropping:  # the rest of a line already past the cap, up to its newline
+                end = block.find(b"\n")
+                if end < 0:
+                    continue
+                block, line_no, dropping = block[end + 1:], line_no + 1, False
+            cut = block.rfind(b"\n") + 1
+            if cut:
+                lines = b"".join((*pieces, block[:cut]))
                 position = raw.tell()
-                yield Chunk(path, line_no, position - consumed, lines=data[:cut])
-                consumed = position
-                line_no += data.count(b"\n", 0, cut)
-            pending = data[cut:]
-            if not block:
+                yield Chunk(path, line_no, position - consumed, lines=lines)
+                consumed, line_no = position, line_no + lines.count(b"\n")
+                pieces, held, block = [], 0, block[cut:]
+            if block:
+                pieces.append(block)
+                held += len(block)
+                if held > max_line_bytes:
+                    position = raw.tell()
+                    yield Chunk(path, line_no, position - consumed, lines=b"", dropped=too_long(max_line_bytes))
+                    consumed, pieces, held, dropping = position, [], 0, True
+            if at_end:
                 return
 
 
@@ -141,9 +180,51 @@ def _parquet_chunks(path: str, keys: list[str]) -> Iterator[Chunk]:
         row += batch.num_rows
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: unreadable ({type(err).__name__}); not a dataset saved with save_to_disk") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: not a JSON object; not a dataset saved with save_to_disk")
+    return value
+
+
+def check_saved_dataset(path: Path) -> None:
+    """datasets.load_from_disk opens the split folders dataset_dict.json lists and the Arrow files each state.json
+    lists, joined to the dataset's folder. The folder may be someone else's: a name that is absolute, climbs with
+    '..' or resolves outside (a link) would feed other files into the output, so each must stay inside the folder."""
+    root = path.resolve()
+
+    def inside(name: object, directory: Path, source: Path) -> Path:
+        target = directory / name if isinstance(name, str) and name else None
+        resolved = target.resolve() if target is not None else None
+        if target is None or Path(name).is_absolute() or ".." in Path(name).parts or (
+                resolved != root and root not in resolved.parents):
+            raise DataError(f"{source}: names '{str(name)[:80]}', which is outside the dataset's folder {path}; "
+                            f"refusing to read it")
+        return target
+
+    listing = path / "dataset_dict.json"
+    directories = [path]
+    if listing.is_file():
+        splits = _read_json(listing).get("splits")
+        if not isinstance(splits, list):
+            raise DataError(f"{listing}: no list of splits; not a DatasetDict saved with save_to_disk")
+        directories = [inside(split, path, listing) for split in splits]
+    for directory in directories:
+        state = directory / "state.json"
+        files = _read_json(state).get("_data_files")
+        if not isinstance(files, list):
+            raise DataError(f"{state}: no list of data files; not a dataset saved with save_to_disk")
+        for entry in files:
+            inside(entry.get("filename") if isinstance(entry, dict) else None, directory, state)
+
+
 def _hf_chunks(path: str, keys: list[str], split: str) -> Iterator[Chunk]:
     import datasets
 
+    check_saved_dataset(Path(path))
     dataset = datasets.load_from_disk(path)
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
@@ -159,15 +240,17 @@ def _hf_chunks(path: str, keys: list[str], split: str) -> Iterator[Chunk]:
         row += batch.num_rows
 
 
-def read_chunks(source: str, keys: list[str], hf_split: str = "train") -> Iterator[Chunk]:
-    """Chunks of one source, in order; an unreadable source is a DataError naming it."""
+def read_chunks(source: str, keys: list[str], hf_split: str = "train",
+                max_line_bytes: int = MAX_DOCUMENT_BYTES) -> Iterator[Chunk]:
+    """Chunks of one source, in order; an unreadable source is a DataError naming it. JSON lines longer than
+    max_line_bytes are not kept (see _json_chunks)."""
     try:
         if is_saved_hf_dataset(Path(source)):
             yield from _hf_chunks(source, keys, hf_split)
         elif source.endswith(".parquet"):
             yield from _parquet_chunks(source, keys)
         else:
-            yield from _json_chunks(source)
+            yield from _json_chunks(source, max_line_bytes)
     except DataError:
         raise
     except Exception as err:  # gzip/zstd/arrow/OS errors: name the file, not a traceback
