@@ -4,6 +4,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="megapico",
+    license="Apache-2.0",
     version="0.1.0",
     description="Megatron/DeepSpeed-style tensor-parallel + ZeRO-2 pretraining for the pico-decoder models",
     packages=find_packages(include=["megapico", "megapico.*"]),

@@ -45,7 +45,8 @@ rendezvous_port >/dev/null  # a taken --master_port stops the demo here, before 
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}" PYTHONUNBUFFERED=1
 export WANDB_SILENT=true
 # glibc's malloc hands large tensors back to the OS when freed, so every step page-faults its big buffers in again
-# (the loss head's logits chunks): keep freed memory in the process (mallopt(3)); the demo's steps run ~16% faster
+# (the loss head's logits chunks): keep freed memory in the process (mallopt(3)); the demo's steps run ~16% faster.
+# The README's Install shell exports these and TORCH_EXTENSIONS_DIR alike, for runs of your own: keep them in step.
 export MALLOC_MMAP_THRESHOLD_=8589934592 MALLOC_TRIM_THRESHOLD_=8589934592 MALLOC_TOP_PAD_=1073741824
 rm -rf runs/cpu-demo runs/cpu-demo-data runs/pico/cpu-demo
 

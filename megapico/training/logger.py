@@ -9,6 +9,10 @@ one wandb run across launches (its id in runs/{run}/wandb_id.txt).
 wandb never takes training down. Its service process (wandb-core) is started detached, outside the training
 process tree (`wandb beta core start`): DeepSpeed's per-node launcher answers Ctrl-C by terminating each rank's
 whole process tree, which used to kill the service first and rank 0 with it, in wandb.log, before it could save.
+Being detached, it does not end with the run by itself: rank 0 stops the service it started once wandb.finish
+returns (at the end, and after a stop's save), and one whose run died unfinished (SIGKILL, a crash) ends after
+SERVICE_IDLE_TIMEOUT with no client (wandb's default, 10 minutes, left one behind every run). A service named by
+the user's own WANDB_SERVICE is theirs: used, never started or stopped.
 Any wandb failure (at start, in a log, at finish) is one warning, and the run goes on without wandb; metrics.jsonl
 holds every record regardless.
 """
@@ -22,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -32,6 +37,8 @@ from megapico.training.metrics import peak_memory_gib, peak_tflops_per_device
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_ID_FILE = "wandb_id.txt"
+SERVICE_IDLE_TIMEOUT = "1m"  # Go duration: how long a detached service outlives a run that could not stop it
+SERVICE_STOP_S = 30  # the stopped service's grace before SIGKILL; an idle wandb-core exits in about 2 s
 
 
 def keep_records_up_to(path: Path, step: int) -> None:
@@ -60,6 +67,7 @@ class RunLogger:
         if self.is_writer:
             keep_records_up_to(self.metrics_path, start_step)
         self.wandb = None
+        self.service: psutil.Process | None = None  # the detached wandb-core this run started, stopped by finish()
         if self.is_writer and config.logging.wandb_mode != "disabled":
             self._wandb_call("start", self._start_wandb)
 
@@ -68,9 +76,11 @@ class RunLogger:
 
         if not os.environ.get("WANDB_SERVICE"):
             started = subprocess.run([str(Path(sys.executable).with_name("wandb")), "beta", "core", "start",
-                                      "--idle-timeout", "10m"], capture_output=True, text=True, timeout=120)
+                                      "--idle-timeout", SERVICE_IDLE_TIMEOUT], capture_output=True, text=True,
+                                     timeout=120)
             if started.returncode == 0 and started.stdout.strip():
                 os.environ["WANDB_SERVICE"] = started.stdout.strip().splitlines()[-1]
+                self.service = detached_service(os.environ["WANDB_SERVICE"])
             else:  # wandb.init then starts its own service, inside the process tree
                 self.warn(f"wandb: could not start a detached service ({started.stderr.strip()[-200:]}); a Ctrl-C "
                           f"may end wandb before the run saves (the run itself is not affected)")
@@ -166,5 +176,44 @@ class RunLogger:
             print(f"warning: {message}", flush=True)
 
     def finish(self) -> None:
+        """Finish the wandb run, then stop the service this run started (the run's files are complete by then)."""
         if self.wandb is not None:
             self._wandb_call("finish", self.wandb.finish)
+        if self.service is not None:
+            self._stop_service()
+
+    def _stop_service(self) -> None:
+        """SIGTERM the detached wandb-core this run started, which it answers by shutting down, and wait for it."""
+        import wandb
+
+        service, self.service = self.service, None
+        self._wandb_call("teardown", wandb.teardown)  # this process's side of its connection
+        os.environ.pop("WANDB_SERVICE", None)
+        try:
+            service.terminate()
+            deadline = time.monotonic() + SERVICE_STOP_S
+            while service.is_running() and service.status() != psutil.STATUS_ZOMBIE:  # exited, left to its reaper
+                if time.monotonic() > deadline:
+                    service.kill()
+                    break
+                time.sleep(0.05)
+        except psutil.NoSuchProcess:  # gone
+            pass
+        except psutil.Error as err:
+            self.warn(f"wandb: could not stop its service (pid {service.pid}: {type(err).__name__}); it exits "
+                      f"{SERVICE_IDLE_TIMEOUT} after its last client")
+
+
+def detached_service(token: str) -> psutil.Process | None:
+    """The wandb-core process `wandb beta core start` left running, found by its token (`3-PID-unix-PATH` or
+    `3-PID-tcp-localhost-PORT`): PID is the starting command's, which the service's command line carries
+    (`--pid PID --detached`). None if it cannot be found; it then ends SERVICE_IDLE_TIMEOUT after the run."""
+    parts = token.split("-")
+    if len(parts) < 3 or not parts[1].isdigit():
+        return None
+    for process in psutil.process_iter(["cmdline"]):
+        command = process.info["cmdline"] or []
+        if "--detached" in command and any(flag == "--pid" and value == parts[1]
+                                           for flag, value in zip(command, command[1:], strict=False)):
+            return process
+    return None
