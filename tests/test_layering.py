@@ -4,7 +4,7 @@ import re
 
 from conftest import REPO
 
-ORDER = ["config", "parallel", "model", "data", "checkpoint", "training", "convert", "publish"]
+ORDER = ["config", "parallel", "model", "data", "checkpoint", "analysis", "training", "convert", "publish"]
 
 
 def test_no_package_imports_one_above_it():
