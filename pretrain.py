@@ -1,7 +1,9 @@
 """Pretrain pico-decoder with tensor parallelism + DeepSpeed ZeRO-2.
 
-    deepspeed --num_gpus 16 --hostfile examples/hostfile pretrain.py --config examples/pico_tiny_16xA100.yaml
-    torchrun --nproc_per_node 2 pretrain.py --config examples/cpu_demo.yaml training.max_steps=20
+    deepspeed --num_gpus 2 pretrain.py --config examples/cpu_demo.yaml     (--num_gpus: GPUs per node)
+    deepspeed --hostfile examples/hostfile --num_nodes 2 --num_gpus 8 pretrain.py \\
+        --config examples/pico_tiny_16xA100.yaml                         (2 nodes x 8 GPUs)
+    torchrun --standalone --nproc_per_node 2 pretrain.py --config examples/cpu_demo.yaml training.max_steps=20
     python pretrain.py --config examples/cpu_demo.yaml parallel.tensor_parallel_size=1
 Any config value can be overridden as section.key=value; the resolved config is printed and saved.
 """

@@ -29,7 +29,7 @@ $py tools/preprocess_data.py --input data/sample/documents --output-prefix "$out
     --append-eod --workers 4 > "$out/preprocess.log"
 common=(data.train_data_path="[$out/data/sample_text_document]" data.eval_data_path="[]" data.split="90,10,0"
         training.max_steps="$steps" training.lr_warmup_steps=2 training.gradient_accumulation_steps=1
-        training.global_batch_size=0 evaluation.interval=0 evaluation.max_batches=4
+        training.global_batch_size=0 evaluation.interval=0 evaluation.max_sequences=64 evaluation.perplexity=tokens
         checkpointing.runs_dir="$out" checkpointing.save_interval="$steps" checkpointing.resume=false
         logging.log_interval=5 logging.wandb_mode=disabled)
 

@@ -32,9 +32,24 @@ def training_overrides(sample_prefix, tmp_path, **changes):
         "training.max_steps": 5, "training.micro_batch_size": 4, "training.gradient_accumulation_steps": 1,
         "training.lr": 3e-3, "training.lr_warmup_steps": 2, "training.precision": "fp32",
         "training.deepspeed_config": str(REPO / "ds_configs" / "zero2_cpu.json"),
-        "evaluation.interval": 0, "evaluation.max_batches": 2, "checkpointing.runs_dir": str(tmp_path / "runs"),
+        "evaluation.interval": 0, "evaluation.max_sequences": 8, "checkpointing.runs_dir": str(tmp_path / "runs"),
         "checkpointing.save_interval": 1000, "checkpointing.learning_dynamics.enabled": False,
         "logging.wandb_mode": "disabled", "logging.log_interval": 1,
     }
     base.update(changes)
     return [f"{key}={value}" for key, value in base.items()]
+
+
+# The `slow` marker, for a change's inner loop (`bash scripts/test.sh -m "not slow"`; the full suite runs it all):
+# every test of a module that starts training processes: through tests/distributed.py (found by the module's
+# imports), or named here (it launches pretrain.py, or imports tests/distributed.py inside a test).
+SLOW_MODULES = {"test_examples", "test_launch", "test_preemption", "test_resume_rules", "test_security",
+                "test_training"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module
+        if module.__name__ in SLOW_MODULES or any(getattr(value, "__module__", None) == "distributed"
+                                                  for value in vars(module).values()):
+            item.add_marker(pytest.mark.slow)

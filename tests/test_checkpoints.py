@@ -180,3 +180,20 @@ def test_size_only_verification_catches_truncation_not_bit_flips(tmp_path):
     _damage(tmp_path / "mp_rank_00_model_states.pt", "truncated")
     assert verify_checkpoint(tmp_path, 1, full_hash=False).endswith(
         f"mp_rank_00_model_states.pt: {size // 2} bytes, the manifest says {size} (truncated?)")
+
+
+def test_keep_last_keeps_the_newest_saved_not_the_highest_step(tmp_path, monkeypatch):
+    """After a resume from an earlier step (checkpointing.resume=step_N), the old run's later steps are still on
+    disk: retention prunes them before the new run's checkpoints, which were saved after them."""
+    import os
+
+    from megapico.convert import retention
+
+    for age, step in enumerate((4, 6, 2, 3)):  # step_4 and step_6 from the old run, then step_2 and step_3 anew
+        (tmp_path / f"step_{step}").mkdir()
+        (tmp_path / f"step_{step}" / "manifest.json").write_text(json.dumps({"kind": "full", "files": {}}))
+        os.utime(tmp_path / f"step_{step}" / "manifest.json", ns=(age * 10**9, age * 10**9))
+    pruned = []
+    monkeypatch.setattr(retention, "prune_checkpoint", lambda directory: pruned.append(directory.name) or (0, 0))
+    retention.keep_last_checkpoints(tmp_path, 2)
+    assert pruned == ["step_4", "step_6"]

@@ -226,7 +226,7 @@ def test_pico_perplexity_split_over_dp_and_its_config_error(paloma_texts, tmp_pa
     split = run_distributed(_text_perplexity_over_dp, 2, config.model, paloma_texts[0], tmp_path=tmp_path)
     assert split == pytest.approx(single, rel=1e-7)  # two ranks, one thread each: another summation order
     with pytest.raises(ConfigError, match="evaluation.perplexity=pico scores every document of one prefix"):
-        build_eval_dataset(config, ParallelState())
+        build_eval_dataset(config)
 
 
 def _split_capture(rank, world_size, config_model, sequences):

@@ -210,3 +210,19 @@ def test_a_run_that_has_trained_nothing_takes_the_launchs_batch(sample_prefix, t
     train(2, overrides(sample_prefix, tmp_path, **settings), tmp_path)
     assert "keeping the run's global batch" not in capfd.readouterr().out
     assert consumed_at(tmp_path, 5) == 5 * 8
+
+
+def test_resuming_a_finished_run_or_an_earlier_step_says_so(sample_prefix, saved_run, tmp_path):
+    """A finished run launched again says in one line that nothing was left to train (exit 0), and a resume from
+    an earlier step names the later checkpoints it will replace."""
+    shutil.copytree(saved_run / "runs", tmp_path / "runs")
+    checkpoints = tmp_path.joinpath(*RUN, "checkpoints")
+    shutil.copytree(checkpoints / "step_2", checkpoints / "step_4")  # a later one, kept from an abandoned attempt
+    out = run_pretrain(*overrides(sample_prefix, tmp_path, **{"training.max_steps": 2,
+                                                              "checkpointing.resume": "step_2"}))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (f"warning: checkpointing.resume=step_2, and {checkpoints} holds later checkpoints (step_4): this run "
+            f"replaces each of them when it saves that step again (move them away to keep them)") in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == (
+        f"{tmp_path.joinpath(*RUN)}: step 2 of training.max_steps=2 was trained already; nothing left to train (to "
+        f"train on, raise training.max_steps with training.change_schedule_on_resume=true)")

@@ -96,9 +96,9 @@ def test_eval_perplexity_equals_a_direct_computation(sample_prefix):
     torch.manual_seed(0)
     model = PicoDecoder(config)
     dataset = build_dataset([sample_prefix], "valid", 1, 16, 5, split="95,5,0")
-    ppl = evaluate_perplexity(model, dataset, micro_batch_size=3, parallel=ParallelState(), max_batches=4)
-    with torch.no_grad():
-        tokens = torch.stack([torch.from_numpy(dataset[i]) for i in range(12)])
+    ppl = evaluate_perplexity(model, dataset, micro_batch_size=3, parallel=ParallelState(), max_sequences=11)
+    with torch.no_grad():  # the first 11 samples: three micro batches of 3, then a short one of 2
+        tokens = torch.stack([torch.from_numpy(dataset[i]) for i in range(11)])
         logits = model(tokens[:, :-1])
         nll = F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
     assert ppl == pytest.approx(math.exp(nll.item()), rel=1e-5)
@@ -134,7 +134,7 @@ def test_separate_eval_prefix(sample_prefix):
     from megapico.training.trainer import build_eval_dataset
 
     config = load_config(None, [f"data.train_data_path=[{sample_prefix}]", f"data.eval_data_path=[{sample_prefix}]",
-                                "data.seq_len=16", "evaluation.max_batches=2", "training.micro_batch_size=2"])
-    whole = build_eval_dataset(config, ParallelState())  # the eval prefix whole (split 1,0,0), not its valid part
+                                "data.seq_len=16", "evaluation.max_sequences=4", "training.micro_batch_size=2"])
+    whole = build_eval_dataset(config)  # the eval prefix whole (split 1,0,0), not its valid part
     valid = build_dataset([sample_prefix], "valid", 4, 16, config.data.seed, split=config.data.split)
     assert len(whole.documents) == 3187 and len(valid.documents) < 100

@@ -12,7 +12,7 @@ and are never touched. A crash at any point leaves either the full checkpoint or
 from collections.abc import Callable
 from pathlib import Path
 
-from megapico.checkpoint.manifest import directory_files, disk_bytes, read_manifest, write_manifest
+from megapico.checkpoint.manifest import MANIFEST, directory_files, disk_bytes, read_manifest, write_manifest
 from megapico.checkpoint.training_state import step_of
 from megapico.config import MegapicoConfig
 from megapico.convert.checkpoint_reader import PRUNED_EXPORT, load_checkpoint
@@ -40,8 +40,10 @@ def keep_last_checkpoints(root: Path, keep_last: int) -> list[str]:
     one line per checkpoint pruned."""
     if keep_last <= 0:
         return []
+    # newest saved last, not highest step: after a resume from an earlier step (checkpointing.resume=step_N), the
+    # run's new checkpoints are the ones to keep, and the old run's later steps the ones to prune
     full = sorted((path for path in root.glob("step_*") if (read_manifest(path) or {}).get("kind") == "full"),
-                  key=lambda path: step_of(path.name))
+                  key=lambda path: ((path / MANIFEST).stat().st_mtime_ns, step_of(path.name)))
     lines = []
     for directory in full[:-keep_last]:
         before, after = prune_checkpoint(directory)

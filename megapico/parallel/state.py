@@ -11,6 +11,7 @@ import os
 import re
 import socket
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -70,9 +71,12 @@ def launcher_environment(env: dict[str, str]) -> dict[str, str]:
     return dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
-def init_distributed(timeout_minutes: int = 30) -> None:
+def init_distributed(timeout_minutes: int = 30, before_rendezvous: Callable[[int], None] | None = None) -> None:
     """Join the default process group with the launcher's rank and world (see launcher_environment); a plain
-    `python` run becomes a world of one (DeepSpeed would otherwise go looking for MPI)."""
+    `python` run becomes a world of one (DeepSpeed would otherwise go looking for MPI). `before_rendezvous(rank)`
+    runs on every rank first, with no process group yet: a check each rank makes alone (the run directory's lock)
+    that must come before the rendezvous, since the same command given twice meets the first launch's port there.
+    A rendezvous port that something else listens on is a LaunchError naming it and how to pick another."""
     if dist.is_initialized():
         return
     # DeepSpeed's ZeRO calls torch's all_gather_into_tensor, which torch 2.13 deprecates with a FutureWarning on
@@ -81,12 +85,21 @@ def init_distributed(timeout_minutes: int = 30) -> None:
                             category=FutureWarning)
     os.environ.update(launcher_environment(dict(os.environ)))
     os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+    if before_rendezvous is not None:
+        before_rendezvous(int(os.environ["RANK"]))
     device = None
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
-    # device_id binds NCCL to this rank's GPU up front (barriers then need not guess it, and say so every run)
-    dist.init_process_group(default_backend(), timeout=datetime.timedelta(minutes=timeout_minutes), device_id=device)
+    try:  # device_id binds NCCL to this rank's GPU up front (barriers then need not guess it, and say so every run)
+        dist.init_process_group(default_backend(), timeout=datetime.timedelta(minutes=timeout_minutes),
+                                device_id=device)
+    except dist.DistNetworkError as err:
+        if "EADDRINUSE" not in str(err):
+            raise
+        raise LaunchError(f"the rendezvous port {os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} is taken (by "
+                          f"another run, or another program); pick a free one: deepspeed --master_port N, torchrun "
+                          f"--master-port N, or MASTER_PORT=N for srun and mpirun") from None
 
 
 def agree_across_ranks(what: str, value: str) -> None:

@@ -9,7 +9,9 @@ runner forwards no signal on one node and dies of SIGTERM; a SIGKILLed launcher 
 way the ranks would otherwise train on without it. At the end of every step the ranks OR their flags in one small
 all-reduce on a CPU (gloo) group, so every rank stops after the same step even when the signal (or the loss of a
 launcher) reached only some of them; the trainer then saves that step and exits 0. Plain `python pretrain.py`
-has no launcher above it and is unchanged.
+has no launcher above it and is unchanged. Once the ranks agree to stop, rank 0 notes it in the run's lock
+(megapico/checkpoint/run_lock.py) before the save: a launcher hands the prompt back within seconds while the ranks
+still save, and the same command given then waits for them instead of being refused as a second run.
 
 A launcher can also take the console with it: Open MPI's mpirun forwards its ranks' output through pipes it reads
 itself, so once it is SIGKILLed the ranks' next print raises BrokenPipeError and would end them before they save.
@@ -27,6 +29,8 @@ from pathlib import Path
 import psutil
 import torch
 import torch.distributed as dist
+
+from megapico.checkpoint.run_lock import record_stop
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 LAUNCHER_MODULES = {  # a name in a process's command line -> what it is
@@ -119,12 +123,14 @@ def keep_the_console(log_path: Path) -> list[str]:
 class StopSignal:
     def __init__(self, run_dir: Path | None = None) -> None:
         """Collective: every rank creates the CPU group at the same point. `run_dir`: where a rank's output goes
-        once its console is gone (console_rank{R}.log); None leaves the console alone."""
+        once its console is gone (console_rank{R}.log), and whose lock rank 0 marks on a stop; None leaves both
+        alone."""
         self.received: str | None = None
         self.group = dist.new_group(backend="gloo") if dist.get_world_size() > 1 else None
         self.previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
         self.watch = LauncherWatch()
         self.console_log = run_dir / f"console_rank{dist.get_rank()}.log" if run_dir is not None else None
+        self.lock_dir = run_dir if dist.get_rank() == 0 else None  # rank 0 holds the run's lock
 
     def _handle(self, signum: int, frame) -> None:  # noqa: ANN001
         self.received = f"{signal.Signals(signum).name} received"
@@ -142,7 +148,10 @@ class StopSignal:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
         if not flag.numpy()[0]:  # a CPU tensor: reading it waits for nothing on the device
             return None
-        return self.received or "a stop on another rank"
+        why = self.received or "a stop on another rank"
+        if self.lock_dir is not None:
+            record_stop(self.lock_dir, why)
+        return why
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
