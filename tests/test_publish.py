@@ -440,6 +440,47 @@ def test_received_run_passes_nothing_on_as_found(run, hub, published, tmp_path, 
     assert "eval_results/step_0.json" not in api.list_repo_files("org/received", revision=BRANCH)
 
 
+def test_analysis_results_are_sent_once_per_step_from_checked_copies(run, hub, no_xet, tmp_path):
+    """analysis_results/ (pico-analyze's files, at captures between checkpoints too) goes with the run: a commit
+    `Saving Analysis Results -- Step N` per step after the step's others, each file dumped anew (pico-analyze's log
+    and other names left behind), nothing sent twice, a result added later (cka once its target is captured) sent
+    under its step's title; the pico run directory converted from the run publishes the same."""
+    copy = copy_of_step_0(run, tmp_path)
+    results = copy / "analysis_results" / "dynamics"
+    for step in (0, 1):
+        (results / f"step_{step}").mkdir(parents=True)
+        (results / f"step_{step}" / "norm_val.json").write_text(json.dumps({"layers.0.swiglu.w_2.weights": 1 + step}))
+    (results / "analysis.log").write_text("pico-analyze's log")
+    (results / "step_1" / "notes.json").write_text("{}")
+    api = HfApi(endpoint=hub.url)
+    analysis = ["Saving Analysis Results -- Step 0", "Saving Analysis Results -- Step 1"]
+    publish_run(copy, "org/analysis", training_state="never", endpoint=hub.url)
+    assert [c.title for c in history(api, "org/analysis")] == expected_titles(set())[:6] + analysis
+    assert {name for name in api.list_repo_files("org/analysis", revision=BRANCH) if "analysis" in name} == {
+        "analysis_results/dynamics/step_0/norm_val.json", "analysis_results/dynamics/step_1/norm_val.json"}
+    got = hf_hub_download("org/analysis", "analysis_results/dynamics/step_1/norm_val.json", revision=BRANCH,
+                          cache_dir=tmp_path / "c", endpoint=hub.url)
+    assert open(got).read() == json.dumps({"layers.0.swiglu.w_2.weights": 2.0})  # parsed and dumped anew
+    requests = len(hub.requests)
+    assert publish_run(copy, "org/analysis", training_state="never", endpoint=hub.url) == [
+        f"org/analysis@{BRANCH}: 7 of 7 commits already there, 0 to send"]
+    assert not [line for line in hub.requests[requests:] if line.startswith(SEND) and "/branch/" not in line]
+
+    (results / "step_0" / "cka_val.json").write_text(json.dumps({"layers.0.ov_circuit.activations": 0.5}))
+    lines = publish_run(copy, "org/analysis", training_state="never", endpoint=hub.url)
+    assert lines[0] == f"org/analysis@{BRANCH}: 6 of 7 commits already there, 1 to send"
+    assert [c.title for c in history(api, "org/analysis")][-1] == analysis[0]
+    assert "analysis_results/dynamics/step_0/cka_val.json" in api.list_repo_files("org/analysis", revision=BRANCH)
+    assert publish_run(copy, "org/analysis", training_state="never", endpoint=hub.url)[0].startswith(
+        f"org/analysis@{BRANCH}: 7 of 7 commits already there")
+
+    pico = convert_run(copy, tmp_path / "pico", verify=False)
+    publish_pico_run(pico, "org/analysis-pico", endpoint=hub.url)
+    assert [c.title for c in history(api, "org/analysis-pico")] == expected_titles(set())[:6] + analysis
+    assert publish_pico_run(pico, "org/analysis-pico", endpoint=hub.url) == [
+        f"org/analysis-pico@{BRANCH}: 7 of 7 commits already there, 0 to send"]
+
+
 def test_run_branch_is_never_main_nor_a_ref(run, capsys):
     for branch in ("main", "refs/heads/x", "a..b", "HEAD"):
         assert publish_main([str(run[0]), "--repo-id", "org/x", "--branch", branch]) == 1

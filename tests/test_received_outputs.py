@@ -6,6 +6,7 @@ here on a copy of one tiny run."""
 import json
 import os
 import pickle
+import re
 import shutil
 import stat
 
@@ -284,3 +285,19 @@ def test_pico_trains_own_export_is_checked_and_written_anew(tmp_path):
         (tmp_path / "config.json").write_text(json.dumps({**config, key: value}))
         with pytest.raises(CheckpointError, match=f"config.json: '{key}' is "):
             pico_model_config(tmp_path / "config.json")
+
+
+def test_an_eval_result_is_numbers_or_one_line(tmp_path):
+    """eval_results/step_N.json passes on only as {name: float}: an integer beyond any float, a string or a nested
+    value is one line naming the file (not an OverflowError traceback)."""
+    from megapico.convert.received import checked_eval_result
+
+    path = tmp_path / "step_1.json"
+    for content, reason in ((f'{{"valid": {"9" * 400}}}', "an integer beyond any float"),
+                            ('{"valid": "12.5"}', "not {eval set name: perplexity}"),
+                            ('{"valid": {"ppl": 3}}', "not {eval set name: perplexity}")):
+        path.write_text(content)
+        with pytest.raises(CheckpointError, match=re.escape(f"{path}: ") + ".*" + re.escape(reason)):
+            checked_eval_result(path)
+    path.write_text('{"valid": 12}')
+    assert checked_eval_result(path) == {"valid": 12.0}

@@ -3,8 +3,9 @@
 Every export is written under a temporary name, loaded back with transformers and run on a fixed batch next
 to megapico's own model rebuilt from the same weights; only a result within tolerance is renamed into place.
 A run directory may be someone else's: nothing of it is copied as it stands. Weights, configs and tokenizer files
-are generated from checked values, learning dynamics and eval results are read, checked and written anew
-(received.py), and the tokenizer is the user's --tokenizer or one inside the run (received.export_tokenizer).
+are generated from checked values, learning dynamics, eval results and analysis results are read, checked and
+written anew (received.py), and the tokenizer is the user's --tokenizer or one inside the run
+(received.export_tokenizer).
 """
 
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from megapico.analysis.results import RESULTS_DIR
 from megapico.checkpoint.manifest import is_pruned
 from megapico.checkpoint.paths import fresh_directory, inside, refuse_links
 from megapico.checkpoint.training_state import STATE_FILE, step_of
@@ -35,6 +37,7 @@ from megapico.convert.received import (
     export_tokenizer,
     pico_hf_fields,
     pico_model_config,
+    write_checked_analysis_results,
     write_checked_eval_results,
     write_checked_learning_dynamics,
 )
@@ -169,7 +172,8 @@ def step_directories(run_dir: Path, purpose: str) -> list[Path]:
 def convert_run(run_dir: Path, output_root: Path, tokenizer: str | None = None, overwrite: bool = False,
                 verify: bool = True, progress=None) -> Path:  # noqa: ANN001
     """Every checkpoint of a run -> {output_root}/{run_name}/ in pico's layout; returns that directory. A checkpoint
-    pruned by checkpointing.keep_last contributes the verified HF export it kept."""
+    pruned by checkpointing.keep_last contributes the verified HF export it kept; eval_results/ and analysis_results/
+    (every capture's, between checkpoints too) come along, checked and dumped again."""
     refuse_links(run_dir)  # a received run: nothing in it may point elsewhere
     steps = step_directories(run_dir, "no complete checkpoints to convert")
     config, global_batch = checkpoint_config(steps[0])
@@ -197,6 +201,8 @@ def convert_run(run_dir: Path, output_root: Path, tokenizer: str | None = None, 
         (tmp / "checkpoints" / "latest").symlink_to(steps[-1].name)
         if (run_dir / "eval_results").is_dir():
             write_checked_eval_results(run_dir / "eval_results", tmp / "eval_results")
+        if (run_dir / RESULTS_DIR).is_dir():
+            write_checked_analysis_results(run_dir / RESULTS_DIR, tmp / RESULTS_DIR)
         (tmp / "training_config.yaml").write_text(yaml.safe_dump(pico_training_config(config, global_batch),
                                                                  sort_keys=False))
     return target

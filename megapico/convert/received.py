@@ -11,7 +11,9 @@ checked values, or read with the library that owns its format and written anew:
 - config.json: only pico's model keys are read, types checked; everything else (`auto_map` included) is ignored;
 - learning_dynamics/: each file read through the checkpoint reader, checked to be pico's keys, shapes and fp32
   tensors, saved again; `train_data/` loaded only when its state.json names plain files inside it, then saved again;
-- eval_results/step_N.json: parsed, checked to be {name: number}, dumped again.
+- eval_results/step_N.json: parsed, checked to be {name: number}, dumped again;
+- analysis_results/<analysis_name>/step_N/<metric>_<split>.json (pico-analyze's results, which training writes):
+  each opened without following a link, parsed, checked to be {component key: number or null}, dumped again.
 
 Paths a received config names are followed only inside its run directory (export_tokenizer): a config saying
 `data.tokenizer: /home/you/secret.json` must not make an export ship that file.
@@ -19,11 +21,14 @@ Paths a received config names are followed only inside its run directory (export
 
 import json
 import math
+import os
 import re
+import stat
 from pathlib import Path
 
 import torch
 
+from megapico.analysis.spec import METRIC_DATA_TYPES, NAME, SPLITS
 from megapico.checkpoint.files import read_checkpoint_file
 from megapico.checkpoint.paths import CheckpointError, inside, refuse_links, replacing, write_text
 from megapico.checkpoint.training_state import step_of
@@ -43,6 +48,8 @@ HF_INT_FIELDS = ("d_model", "n_layers", "attention_n_heads", "attention_n_kv_hea
 HF_FLOAT_FIELDS = ("norm_eps", "position_emb_theta")
 MAX_DIMENSION = 2**31  # any size or count of a pico config.json; larger ones describe no model that was trained
 PREFIX = re.compile(r"([A-Za-z_][A-Za-z0-9_]*\.)*")  # pico-train's keys carry its wrapper's module path
+RESULT_NAME = re.compile(rf"({'|'.join(METRIC_DATA_TYPES)})_({'|'.join(SPLITS)})\.json")  # pico-analyze's file names
+COMPONENT_KEY = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]{0,255}")  # {prefix}{layer}.{suffix}.{data_type}[.heads.{h}]
 
 
 def read_capped(path: Path, cap: int) -> bytes:
@@ -57,12 +64,19 @@ def read_capped(path: Path, cap: int) -> bytes:
     return data
 
 
+def parse_json(path: Path, data: bytes) -> object:
+    """The JSON value of `data` (read from `path`), or a one-line CheckpointError: also for deep nesting and for an
+    integer of more digits than Python converts."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as err:
+        raise CheckpointError(f"{path}: not JSON ({(str(err).splitlines() or [type(err).__name__])[0][:120]})"
+                              ) from None
+
+
 def read_json(path: Path, cap: int = JSON_MAX_BYTES) -> object:
     """A small JSON file's value, or a one-line CheckpointError."""
-    try:
-        return json.loads(read_capped(path, cap))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path}: not JSON ({str(err).splitlines()[0][:120]})") from None
+    return parse_json(path, read_capped(path, cap))
 
 
 # tokenizers
@@ -283,13 +297,20 @@ def write_checked_learning_dynamics(source: Path, target: Path, model: ModelConf
 
 
 # evaluation results
-def checked_eval_result(path: Path) -> dict[str, float]:
-    """eval_results/step_N.json: {eval set name: perplexity}, read as data and checked."""
-    result = read_json(path)
+def eval_result_values(result: object, path: Path) -> dict[str, float]:
+    """The content of an eval_results/step_N.json (read from `path`): {eval set name: perplexity}, checked."""
     if not isinstance(result, dict) or not all(isinstance(key, str) and isinstance(value, int | float)
                                                and not isinstance(value, bool) for key, value in result.items()):
         raise CheckpointError(f"{path}: not {{eval set name: perplexity}}; refusing it")
-    return {key: float(value) for key, value in result.items()}
+    try:
+        return {key: float(value) for key, value in result.items()}
+    except OverflowError:
+        raise CheckpointError(f"{path}: holds an integer beyond any float; refusing it") from None
+
+
+def checked_eval_result(path: Path) -> dict[str, float]:
+    """eval_results/step_N.json: {eval set name: perplexity}, read as data and checked."""
+    return eval_result_values(read_json(path), path)
 
 
 def write_checked_eval_results(source: Path, target: Path) -> None:
@@ -300,3 +321,82 @@ def write_checked_eval_results(source: Path, target: Path) -> None:
     for path in sorted(source.glob("step_*.json")):
         if step_of(path.stem) >= 0 and path.is_file():
             write_text(target / path.name, json.dumps(checked_eval_result(path)))
+
+
+# analysis results
+def analysis_steps(source: Path) -> dict[int, list[Path]]:
+    """analysis_results/'s step directories, <analysis_name>/step_N with names of the forms pico-analyze and training
+    write (a step number without leading zeros), by step: step -> its directories (one per analysis). Any other
+    entry is ignored and never copied."""
+    steps: dict[int, list[Path]] = {}
+    for analysis in sorted(source.iterdir()) if source.is_dir() else []:
+        if not (NAME.fullmatch(analysis.name) and analysis.is_dir()):
+            continue
+        for directory in sorted(analysis.iterdir()):
+            step = step_of(directory.name)
+            if step >= 0 and directory.name == f"step_{step}" and directory.is_dir():
+                steps.setdefault(step, []).append(directory)
+    return dict(sorted(steps.items()))
+
+
+def analysis_files(step_dir: Path) -> list[Path]:
+    """A step directory's <metric>_<split>.json files (pico-analyze's metrics and splits); nothing else is read."""
+    return sorted(path for path in step_dir.iterdir() if RESULT_NAME.fullmatch(path.name) and path.is_file())
+
+
+def _read_plain(path: Path, cap: int) -> bytes:
+    """The bytes of a regular file no larger than `cap`, opened without following a link at its name (one swapped in
+    after a refuse_links walk is not read)."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot be opened as a plain file ({err.strerror}); refusing it") from None
+    with os.fdopen(descriptor, "rb") as file:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise CheckpointError(f"{path}: not a regular file; refusing it")
+        data = file.read(cap + 1)
+    if len(data) > cap:
+        raise CheckpointError(f"{path}: larger than the {cap:,} bytes a file of its kind holds; refusing to read it")
+    return data
+
+
+def checked_analysis_result(path: Path) -> dict[str, float | None]:
+    """One <metric>_<split>.json as pico-analyze writes it: {component key: value}, each value a number (NaN and
+    infinities as Python's json writes them) or null, read as data and checked."""
+    result = parse_json(path, _read_plain(path, JSON_MAX_BYTES))
+    if not isinstance(result, dict):
+        raise CheckpointError(f"{path}: holds a {type(result).__name__}, not pico-analyze's {{component key: "
+                              f"number}}; refusing it")
+    values: dict[str, float | None] = {}
+    for key, value in result.items():
+        if not COMPONENT_KEY.fullmatch(key):
+            raise CheckpointError(f"{path}: key {key[:80]!r} is not a component key (letters, digits, '_', '.'); "
+                                  f"refusing it")
+        if not (value is None or isinstance(value, int | float) and not isinstance(value, bool)):
+            raise CheckpointError(f"{path}: {key!r} is a {type(value).__name__}, not a number; refusing it")
+        try:
+            values[key] = None if value is None else float(value)
+        except OverflowError:
+            raise CheckpointError(f"{path}: {key!r} is an integer beyond any float; refusing it") from None
+    return values
+
+
+def write_checked_analysis_step(step_dir: Path, target: Path) -> list[str]:
+    """One analysis step directory's result files, checked and dumped again into `target` (created); returns the file
+    names written."""
+    target.mkdir(parents=True, exist_ok=True)
+    names = []
+    for path in analysis_files(step_dir):
+        write_text(target / path.name, json.dumps(checked_analysis_result(path)))
+        names.append(path.name)
+    return names
+
+
+def write_checked_analysis_results(source: Path, target: Path) -> None:
+    """analysis_results/ (every <analysis_name>/step_N/<metric>_<split>.json), checked and dumped again into `target`
+    (created); a link anywhere in it is refused, any other file is not copied."""
+    refuse_links(source)
+    target.mkdir(parents=True)
+    for directories in analysis_steps(source).values():
+        for step_dir in directories:
+            write_checked_analysis_step(step_dir, target / step_dir.parent.name / step_dir.name)

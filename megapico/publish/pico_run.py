@@ -5,8 +5,9 @@ A pico run directory: training_config.yaml, checkpoints/step_N/ (config.json, mo
 the tokenizer files, learning_dynamics/, and in pico-train's own runs fabric_state/), checkpoints/latest -> step_N
 and eval_results/step_N.json. Per step N ascending, pico-train's commits: `Saving HF Model -- Step N`, at the first
 step `Saving Tokenizer` and `Saving Training Config`, `Saving Fabric Checkpoint -- Step N` (pico-train's training
-state, per training_state), `Saving Evaluation Results -- Step N`, `Saving Learning Dynamics Data (train|val)`; the
-branch is the run name of training_config.yaml. Idempotent as for a megapico run (hub.py): titles are compared.
+state, per training_state), `Saving Evaluation Results -- Step N`, `Saving Learning Dynamics Data (train|val)`, and
+megapico's `Saving Analysis Results -- Step N` (analysis_results/, which the converter carries); the branch is the
+run name of training_config.yaml. Idempotent as for a megapico run (hub.py): titles are compared.
 
 The directory is received data, so nothing in it passes on as it is found: the HF files are made anew
 (convert.copy_pruned_export: config.json from pico's model keys read as data, auto_map and any other key left
@@ -218,7 +219,7 @@ def publish_pico_run(run_dir: Path, repo_id: str, branch: str | None = None, upd
                                   retries, backoff_s, live, tokenizer, log, workdir, private)
         source = PicoRun(run_dir, workdir, training_state, tokenizer, config)
         with request_timeout(timeout_s):
-            publication.send(source.artifacts(steps), collection_slug, update_main,
+            publication.send(publication.with_analysis(source.artifacts(steps)), collection_slug, update_main,
                              (f"{FABRIC_DIR}/", "learning_dynamics/"))
     return publication.lines
 
