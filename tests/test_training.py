@@ -149,11 +149,11 @@ def test_eval_results_and_wandb_offline_files(sample_prefix, tmp_path):
     run = tmp_path / "runs" / "megapico-run"
     for step in (2, 4, 5):
         assert json.loads((run / "eval_results" / f"step_{step}.json").read_text()) == {
-            "paloma": pytest.approx(result["perplexities"][step])}
+            "valid": pytest.approx(result["perplexities"][step])}
     records = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(records) == 1, "no offline wandb run in the run directory"
     logged = records[0].read_bytes()  # wandb's binary record log: the history keys are stored as text
-    for metric in (b"train/loss", b"trainer/learning_rate", b"eval/paloma"):
+    for metric in (b"train/loss", b"trainer/learning_rate", b"eval/valid"):
         assert metric in logged
     assert (run / "config.yaml").is_file() and (run / "checkpoints" / "latest").read_text() == f"step_{STEPS}"
 
@@ -165,13 +165,13 @@ def test_pretrain_cli_under_the_deepspeed_launcher(sample_prefix, tmp_path):
                *overrides(sample_prefix, tmp_path, **{"parallel.tensor_parallel_size": 2, "training.max_steps": 2})]
     out = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "step 2/2 | loss" in out.stdout and "eval paloma perplexity" in out.stdout
+    assert "step 2/2 | loss" in out.stdout and "eval valid perplexity" in out.stdout
 
 
 @pytest.mark.parametrize("launcher", ["python", "torchrun"])
 def test_pretrain_cli_under_python_and_torchrun(sample_prefix, tmp_path, launcher):
     settings = overrides(sample_prefix, tmp_path, **{"training.max_steps": 1, "training.lr_warmup_steps": 0,
-                                                      "evaluation.max_batches": 1})
+                                                      "evaluation.max_sequences": 4})
     prefix = [sys.executable] if launcher == "python" else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
         str(30500 + os.getpid() % 1000)]

@@ -9,8 +9,12 @@ atomically, so a run killed during a save resumes from the previous complete che
 
 Resume (checkpointing.resume): `auto` takes `latest` if it verifies, else the newest earlier checkpoint that does
 (each failure reported with the file named), else starts fresh when there was none; `true` needs `latest` to
-verify; `step_N` needs that one; `false` starts fresh. A checkpoint is verified before any of its (pickled,
-code-executing) DeepSpeed files is opened: sizes always, sha256 too unless checkpointing.verify=size.
+verify; `step_N` needs that one; `false` starts fresh. A half-written checkpoint (no manifest.json: a stop or a
+crash during its save, step 0's capture in the first minute of a run included) is never resumed from and never a
+reason to refuse: `auto` passes over it, and where it is all there is, `auto` and `false` start afresh and remove it
+(fresh_start_over_unfinished), so the same command always continues or restarts a stopped run.
+A checkpoint is verified before any of its (pickled, code-executing) DeepSpeed files is opened: sizes always,
+sha256 too unless checkpointing.verify=size.
 """
 
 import json
@@ -24,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megapico.checkpoint.files import REFUSED, read_checkpoint_file
-from megapico.checkpoint.manifest import is_pruned, read_manifest, verify_checkpoint, write_manifest
+from megapico.checkpoint.manifest import MANIFEST, is_pruned, read_manifest, verify_checkpoint, write_manifest
 from megapico.checkpoint.paths import checkpoint_tag, replacing, write_text
 from megapico.config import ConfigError, MegapicoConfig, load_config, save_config
 from megapico.parallel import ParallelState, agree_across_ranks
@@ -113,10 +117,32 @@ def has_learning_dynamics(directory: Path) -> bool:
     return manifest is not None and any(name.startswith("learning_dynamics/") for name in manifest["files"])
 
 
+def _unfinished(path: Path) -> bool:
+    """A step directory whose save never finished: the manifest, its last file, is not there (a damaged one is)."""
+    return path.is_dir() and not (path / MANIFEST).exists()
+
+
 def unfinished_checkpoints(config: MegapicoConfig) -> list[Path]:
     """Step directories whose save never finished (no manifest): never resumed from, named so nobody wonders."""
-    return sorted((path for path in checkpoint_root(config).glob("step_*") if path.is_dir() and
-                   read_manifest(path) is None), key=lambda path: step_of(path.name))
+    return sorted((path for path in checkpoint_root(config).glob("step_*") if _unfinished(path)),
+                  key=lambda path: step_of(path.name))
+
+
+def fresh_start_over_unfinished(config: MegapicoConfig, unfinished: list[Path]) -> None:
+    """A run starting afresh (resume auto or false) among only half-written checkpoints: rank 0 says so in one line
+    and removes them, and a `latest` naming one of them (collective). Nothing was trained from them; left in place
+    they would be taken for the new run's checkpoints by retention, conversion and the next launch."""
+    root = checkpoint_root(config)
+    if dist.get_rank() == 0 and unfinished:
+        names = ", ".join(path.name for path in unfinished)
+        print(f"starting afresh: {root} holds only half-written checkpoints ({names}: saves a stop or crash cut "
+              f"short, never resumed from); removing them", flush=True)
+        latest = root / "latest"
+        if latest.is_file() and latest.read_text().strip() in {path.name for path in unfinished}:
+            latest.unlink()
+        for path in unfinished:
+            shutil.rmtree(path)
+    dist.barrier()
 
 
 def step_of(tag: str) -> int:
@@ -128,7 +154,8 @@ def _candidates(config: MegapicoConfig) -> list[str]:
     """Tags to try, best first: the one checkpointing.resume names, or `latest` then every older step_N."""
     mode, root = config.checkpointing.resume, checkpoint_root(config)
     if mode == "false":
-        earlier = sorted((path.name for path in root.glob("step_*") if path.is_dir()), key=step_of)
+        earlier = sorted((path.name for path in root.glob("step_*") if path.is_dir() and not _unfinished(path)),
+                         key=step_of)
         if earlier:  # a new run among an old one's checkpoints: retention, `latest` and conversion would mix them
             raise CheckpointIntegrityError(f"{root}: holds checkpoints of an earlier run (newest {earlier[-1]}); "
                                            f"checkpointing.resume=false starts a new run, so move them away or "
@@ -141,7 +168,7 @@ def _candidates(config: MegapicoConfig) -> list[str]:
         return [latest] if latest else []
     older = sorted((path.name for path in root.glob("step_*") if path.is_dir() and path.name != latest
                     and (latest is None or step_of(path.name) < step_of(latest))), key=step_of, reverse=True)
-    return ([latest] if latest else []) + older
+    return [tag for tag in ([latest] if latest else []) + older if not _unfinished(root / tag)]
 
 
 def _point(directory: Path, tag: str) -> ResumePoint | str:

@@ -148,6 +148,18 @@ class LearningDynamicsConfig:
     eval_data_path: str = ""
     """A .bin/.idx prefix whose every document is one val sequence at its own length (pico's
     pretokenized-paloma-tinsy val rows, preprocessed with --json-keys input_ids); empty = the eval set."""
+    analysis: str = ""
+    """A pico-analyze metrics YAML (its own format: analysis_name, metrics) whose metrics are computed on every
+    capture as the run goes, off the training path, into runs/RUN/analysis_results/ and the logs under pico-analyze's
+    keys; checked against the run at launch, before any step trains. Empty = no analysis (the captures are only
+    stored, for pico-analyze afterwards)."""
+    interval: int = 0
+    """Also capture every N steps without a checkpoint, for the analysis only (nothing written but its results:
+    storing learning dynamics is what checkpoints are for), so its curves are denser than the checkpoints; needs
+    `analysis`. 0 = capture at step 0 and at checkpoints only."""
+    wait_at_end_s: float = 300.0
+    """At the end of training, how long to wait for the analysis still running (the run's lock gets no heartbeat
+    meanwhile: at most 540); what is left is owed and completed by the next launch of the same command."""
 
 
 @dataclass

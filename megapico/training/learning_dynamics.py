@@ -1,5 +1,6 @@
 """pico's learning-dynamics data, captured at step 0 and at every checkpoint (pico-train's
-src/checkpointing/learning_dynamics.py and the calls in src/training/trainer.py, for a TP x DP model).
+src/checkpointing/learning_dynamics.py and the calls in src/training/trainer.py, for a TP x DP model), and every
+checkpointing.learning_dynamics.interval steps for the analysis alone (megapico/training/captures.py).
 
 Which sequences (pico-train's meaning): at step_N the train split is the weights of step N and the whole global
 batch that step N + 1 trains (G sequences), saved with `train_data/` (HF datasets save_to_disk: input_ids and
@@ -162,20 +163,36 @@ def save_train_data(rows: np.ndarray, tokenizer: Tokenizer | None, directory: Pa
     datasets.Dataset.from_dict(columns).save_to_disk(str(directory))
 
 
+Dynamics = dict[str, dict[str, dict[str, torch.Tensor]]]  # {split: {kind: {key: fp32 CPU tensor}}}
+
+
+def capture_splits(model: PicoDecoder, weights: dict[str, torch.Tensor] | None,
+                   splits: dict[str, Sequence[np.ndarray]], micro_batch_size: int,
+                   dp_group: ProcessGroup | None = None, device: torch.device | None = None,
+                   precision: str = "fp32") -> Dynamics | None:
+    """Capture every split in `splits` ("train": the next global batch, "val"): {split: capture_learning_dynamics'
+    tensors} on DP rank 0, None on the others; call on every rank. What a checkpoint writes and what an analysis-only
+    capture hands to the analysis are these same tensors."""
+    states = {split: capture_learning_dynamics(model, sequences, micro_batch_size, device, weights, dp_group,
+                                               precision) for split, sequences in splits.items()}
+    return None if any(tensors is None for tensors in states.values()) else states
+
+
 def save_learning_dynamics(model: PicoDecoder, weights: dict[str, torch.Tensor] | None,
                            splits: dict[str, Sequence[np.ndarray]], directory: Path, micro_batch_size: int,
                            dp_group: ProcessGroup | None = None, device: torch.device | None = None,
-                           tokenizer: Tokenizer | None = None, precision: str = "fp32") -> None:
-    """Capture every split in `splits` ("train": the next global batch, "val") and write the files (plus
-    train_data/ for the train split); call on every rank. `weights`: this TP rank's fp32 weights (default the
-    model's own); `precision`: the probe's, one of PROBE_PRECISIONS."""
-    for split, sequences in splits.items():
-        states = capture_learning_dynamics(model, sequences, micro_batch_size, device, weights, dp_group, precision)
-        if dist.get_rank() == 0:
-            directory.mkdir(parents=True, exist_ok=True)
-            for kind, tensors in states.items():
+                           tokenizer: Tokenizer | None = None, precision: str = "fp32") -> Dynamics | None:
+    """capture_splits, and global rank 0 writes the files (plus train_data/ for the train split); call on every
+    rank. `weights`: this TP rank's fp32 weights (default the model's own); `precision`: the probe's, one of
+    PROBE_PRECISIONS. Returns the captured tensors where capture_splits does."""
+    states = capture_splits(model, weights, splits, micro_batch_size, dp_group, device, precision)
+    if dist.get_rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        for split, kinds in states.items():
+            for kind, tensors in kinds.items():
                 with replacing(directory / f"{split}_{kind}.pt") as tmp:
                     torch.save(tensors, tmp)
             if split == "train":
-                save_train_data(np.asarray(sequences), tokenizer, directory / "train_data")
+                save_train_data(np.asarray(splits[split]), tokenizer, directory / "train_data")
     dist.barrier()
+    return states

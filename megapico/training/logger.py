@@ -6,6 +6,12 @@ wandb metric names follow pico-train: train/loss, trainer/learning_rate, eval/<e
 to runs/{run}/metrics.jsonl (one JSON object per step and per eval; tools/plot_run.py draws them). A run keeps
 one wandb run across launches (its id in runs/{run}/wandb_id.txt).
 
+The learning-dynamics analysis (megapico/training/analysis_runner.py) reports a capture's results after training
+has moved past its step N: metrics.jsonl gets them as {"step": N, "analysis": NAME, pico-analyze's keys
+`<metric>_<split>/<key>`} when they arrive; wandb, whose own step only grows, plots them against `analysis/step`
+= N, each capture's results joining the next row logged (one capture per row, as their keys repeat). A resumed run
+keeps such records past its start step: the runner never reports a step's written results twice.
+
 wandb never takes training down. Its service process (wandb-core) is started detached, outside the training
 process tree (`wandb beta core start`): DeepSpeed's per-node launcher answers Ctrl-C by terminating each rank's
 whole process tree, which used to kill the service first and rank 0 with it, in wandb.log, before it could save.
@@ -42,10 +48,12 @@ SERVICE_STOP_S = 30  # the stopped service's grace before SIGKILL; an idle wandb
 
 
 def keep_records_up_to(path: Path, step: int) -> None:
-    """Rewrite metrics.jsonl (atomically) without the records of steps after `step`."""
+    """Rewrite metrics.jsonl (atomically) without the records of steps after `step` (analysis results excepted:
+    those steps are analyzed once, and their results are not reported again)."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    lines = [line for line in path.read_text().splitlines()
+             if line.strip() and ((record := json.loads(line))["step"] <= step or "analysis" in record)]
     write_text(path, "".join(line + "\n" for line in lines))
 
 
@@ -67,6 +75,9 @@ class RunLogger:
         if self.is_writer:
             keep_records_up_to(self.metrics_path, start_step)
         self.wandb = None
+        self.wandb_step = start_step  # the last row logged to wandb
+        self.analysis_rows: list[dict[str, float]] = []  # analysis results waiting for a wandb row
+        self.analysis_keys: set[str] = set()  # `<metric>_<split>` prefixes plotted against analysis/step
         self.service: psutil.Process | None = None  # the detached wandb-core this run started, stopped by finish()
         if self.is_writer and config.logging.wandb_mode != "disabled":
             self._wandb_call("start", self._start_wandb)
@@ -145,9 +156,7 @@ class RunLogger:
                 metrics.update({"trainer/grad_norm": norm, "trainer/tokens_per_second": self.tokens_per_step /
                                 step_seconds})
             rows.append({"step": record_step, **metrics})
-            if self.wandb is not None:
-                self._wandb_call("log", lambda metrics=metrics, record_step=record_step: self.wandb.log(
-                    metrics, step=record_step))
+            self._wandb_log(metrics, record_step)
         self._append(rows)
         if printing and self.is_writer and self.clock_steps:
             _, loss, lr, _ = records[-1]
@@ -168,15 +177,41 @@ class RunLogger:
         results.mkdir(parents=True, exist_ok=True)
         write_text(results / f"step_{step}.json", json.dumps({name: perplexity}))
         self._append([{"step": step, f"eval/{name}": perplexity}])
-        if self.wandb is not None:
-            self._wandb_call("log", lambda: self.wandb.log({f"eval/{name}": perplexity}, step=step))
+        self._wandb_log({f"eval/{name}": perplexity}, step)
+
+    def log_analysis(self, step: int, analysis_name: str, scalars: dict[str, float]) -> None:
+        """One capture's analysis results (pico-analyze's `<metric>_<split>/<key>`) at their step."""
+        if not self.is_writer or not scalars:
+            return
+        self._append([{"step": step, "analysis": analysis_name, **scalars}])
+        if self.wandb is None:
+            return
+        for prefix in sorted({key.split("/")[0] for key in scalars} - self.analysis_keys):
+            if not self.analysis_keys:
+                self._wandb_call("define_metric", lambda: self.wandb.define_metric("analysis/step"))
+            self.analysis_keys.add(prefix)
+            self._wandb_call("define_metric", lambda prefix=prefix: self.wandb.define_metric(
+                f"{prefix}/*", step_metric="analysis/step"))
+        self.analysis_rows.append({"analysis/step": step, **scalars})
+
+    def _wandb_log(self, metrics: dict, step: int) -> None:
+        """Log a wandb row at `step`, joined by the oldest analysis results still waiting for one."""
+        if self.wandb is None:
+            return
+        if self.analysis_rows:
+            metrics = {**metrics, **self.analysis_rows.pop(0)}
+        self.wandb_step = max(self.wandb_step, step)
+        self._wandb_call("log", lambda: self.wandb.log(metrics, step=step))
 
     def warn(self, message: str) -> None:
         if self.is_writer:
             print(f"warning: {message}", flush=True)
 
     def finish(self) -> None:
-        """Finish the wandb run, then stop the service this run started (the run's files are complete by then)."""
+        """Log the analysis results still waiting for a row (each on a row of its own past the last), finish the
+        wandb run, then stop the service this run started (the run's files are complete by then)."""
+        while self.wandb is not None and self.analysis_rows:
+            self._wandb_log({}, self.wandb_step + 1)
         if self.wandb is not None:
             self._wandb_call("finish", self.wandb.finish)
         if self.service is not None:
