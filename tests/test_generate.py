@@ -107,3 +107,12 @@ def test_exports_stop_at_end_of_text_in_transformers_generate_and_every_file_is_
                                                                                       eos)
         for path in (tmp_path / name).iterdir():
             assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask, path
+    # the export's own check compares greedy tokens past end-of-text (the generation_config must not stop or
+    # forbid it there): this model's greedy run is [100, eos, 100, eos, ...]
+    from types import SimpleNamespace
+
+    from megapico.convert.convert import TOLERANCE, verification_gap
+
+    checkpoint = SimpleNamespace(config=SimpleNamespace(model=config), state_dict=state, directory=tmp_path)
+    for name in ("pico", "llama"):
+        assert verification_gap(tmp_path / name, checkpoint, name) <= TOLERANCE

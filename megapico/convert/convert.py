@@ -90,6 +90,8 @@ def check_generation(exported, reference: PicoDecoder, prompt: torch.Tensor, che
     for use_cache in (True, False):
         out = exported.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                                 min_new_tokens=new_tokens, do_sample=False, use_cache=use_cache, pad_token_id=0,
+                                eos_token_id=None,  # compared past end-of-text (the export's generation_config stops
+                                # there, and min_new_tokens would forbid the token megapico picks)
                                 return_dict_in_generate=True, output_logits=True)
         for row, (got, want) in enumerate(zip(out.sequences[:, prompt.shape[1]:].tolist(), expected, strict=True)):
             for step, (token, wanted) in enumerate(zip(got, want, strict=True)):
