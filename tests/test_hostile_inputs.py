@@ -188,3 +188,19 @@ def test_the_cap_must_be_positive(tmp_path, capsys):
     (tmp_path / "in.jsonl").write_text('{"text": "x"}\n')
     assert _preprocess(tmp_path, tmp_path / "in.jsonl", "--max-document-bytes", "0") == 1
     assert capsys.readouterr().err == "error: --max-document-bytes must be positive, got 0\n"
+
+
+def test_a_planted_sample_index_cache_is_checked_not_believed(tmp_path):
+    """A sample-index cache that came with received data (or any cache on disk) is not trusted: indices past what
+    they index, a float array, or a pickled object array are one line naming the file, never an IndexError later
+    or a pickle run."""
+    prefix = _prefix(tmp_path / "received", [[i % 100 + 1] * 40 for i in range(8)])
+    cache = tmp_path / "cache"
+    dataset = GPTDataset(IndexedDataset(prefix), "train", 8, 16, 1, "1,0,0", cache, VOCAB)
+    shuffle = next(cache.glob("*-shuffle_index.npy"))
+    for planted, reason in ((np.full(len(dataset), 10**6, dtype=np.int64), "points outside what it indexes"),
+                            (np.zeros(len(dataset), dtype=np.float64), "holds float64 values, not indices"),
+                            (np.array([{"x": 1}], dtype=object), "not a sample-index cache file")):
+        np.save(shuffle, planted, allow_pickle=True)
+        with pytest.raises(DataError, match=f"{shuffle}: .*{reason}"):
+            GPTDataset(IndexedDataset(prefix), "train", 8, 16, 1, "1,0,0", cache, VOCAB)

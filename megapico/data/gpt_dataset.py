@@ -110,6 +110,26 @@ class GPTDataset:
         self.build_seconds = time.perf_counter() - started if built else 0.0
         self.document_index, self.sample_index, self.shuffle_index = (
             arrays[name] for name in ("document_index", "sample_index", "shuffle_index"))
+        if not built:  # a cache found on disk (received with the data, or another run's) is checked, not believed
+            self._check_cache(paths)
+
+    def _check_cache(self, paths: dict[str, Path]) -> None:
+        """Every index of a cached sample index points inside what it indexes: the documents, the document order,
+        the samples (one vectorised pass each); else one line naming the file."""
+        documents, samples = len(self.indexed), self.sample_index
+        checks = (
+            ("document_index", self.document_index.ndim == 1 and len(self.document_index) > 0
+             and 0 <= self.document_index.min() and self.document_index.max() < documents),
+            ("sample_index", samples.ndim == 2 and samples.shape[1] == 2 and len(samples) >= 2
+             and samples.min() >= 0 and samples[:, 0].max() < len(self.document_index)),
+            ("shuffle_index", self.shuffle_index.ndim == 1
+             and (len(self.shuffle_index) == 0 or (0 <= self.shuffle_index.min()
+                                                   and self.shuffle_index.max() < len(samples) - 1))),
+        )
+        for name, fits in checks:
+            if not fits:
+                raise DataError(f"{paths[name]}: a cached {name} that points outside what it indexes (not built from "
+                                f"this data); remove it, and it is rebuilt")
 
     def _build(self, tokens_per_epoch: int, num_samples: int, seed: int) -> dict[str, np.ndarray]:
         num_epochs = max(1, -(-(num_samples * self.seq_len + 1) // tokens_per_epoch))

@@ -91,6 +91,18 @@ def fingerprint(arrays: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
+def _load(path: Path) -> np.ndarray:
+    """A cached index, memory-mapped: a plain integer .npy (never a pickle), else one line naming it."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise DataError(f"{path}: not a sample-index cache file ({str(err).splitlines()[0][:120]}); remove it, and it "
+                        f"is rebuilt") from None
+    if array.dtype.kind not in "iu":
+        raise DataError(f"{path}: holds {array.dtype} values, not indices; remove it, and it is rebuilt")
+    return array
+
+
 def load_or_build(paths: dict[str, Path], build: Callable[[], dict[str, np.ndarray]]) -> tuple[dict, bool]:
     """({name: memory-mapped array}, whether this rank built them); collective over the world. A cache directory or
     file that is a symbolic link is refused on every rank alike, never followed."""
@@ -108,7 +120,7 @@ def load_or_build(paths: dict[str, Path], build: Callable[[], dict[str, np.ndarr
         built = True
     _barrier()
     missing = [str(path) for path in paths.values() if not path.is_file()]
-    arrays = {} if missing else {name: np.load(path, mmap_mode="r") for name, path in paths.items()}
+    arrays = {} if missing else {name: _load(path) for name, path in paths.items()}
     agree_across_ranks("the sample index (set data.cache_dir to a directory that each node's ranks share)",
                        f"missing {missing[0]}" if missing else f"fingerprint {fingerprint(arrays)}")
     if missing:  # only reached without a world to compare with
