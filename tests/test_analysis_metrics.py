@@ -224,8 +224,9 @@ def test_check_refuses_what_this_run_cannot_give(tmp_path):
         check(simple, tmp_path, train=16)
 
 
-def _pico_run(sample_prefix, tmp_path):  # noqa: ANN001
-    """A megapico DP=2 run with learning dynamics at steps 0 and 2, converted to a pico run directory."""
+def _pico_run(sample_prefix, tmp_path, tp: int):  # noqa: ANN001
+    """A megapico run on 2 processes (TP=1 x DP=2, or TP=2 x DP=1 with the same global batch of 8) with learning
+    dynamics at steps 0 and 2, converted to a pico run directory."""
     from distributed import train
 
     from megapico.convert.convert import convert_run
@@ -233,16 +234,18 @@ def _pico_run(sample_prefix, tmp_path):  # noqa: ANN001
     train(2, training_overrides(sample_prefix, tmp_path, **{
         "model.d_model": 32, "model.attention_n_heads": 4, "model.attention_n_kv_heads": 2,
         "model.activation_hidden_dim": 64, "training.max_steps": 2, "checkpointing.save_interval": 2,
+        "parallel.tensor_parallel_size": tp, "training.gradient_accumulation_steps": tp,
         "checkpointing.learning_dynamics.enabled": True, "checkpointing.learning_dynamics.batch_size": 160}),
         tmp_path)
     return convert_run(tmp_path / "runs" / "megapico-run", tmp_path / "pico", verify=False)
 
 
-def test_megapico_run_analyzed_equals_pico_analyze_on_it(sample_prefix, tmp_path):
+@pytest.mark.parametrize("tp", [1, 2])
+def test_megapico_run_analyzed_equals_pico_analyze_on_it(sample_prefix, tmp_path, tp):
     reason = missing_reason()
     if reason:
         pytest.skip(reason)
-    pico_run = _pico_run(sample_prefix, tmp_path)
+    pico_run = _pico_run(sample_prefix, tmp_path, tp)
     model = model_of(yaml.safe_load((pico_run / "training_config.yaml").read_text())["model"])
     captures = {}
     for step in (0, 2):
