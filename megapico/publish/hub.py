@@ -38,6 +38,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -474,24 +475,31 @@ class Publication:
     def artifacts(self, checkpoints: list[Checkpoint]) -> list[Artifact]:
         """Everything the run directory has to publish, in pico-train's order."""
         state_steps = self.with_state(checkpoints)
-        out = []
-        for index, checkpoint in enumerate(checkpoints):
-            step, dynamics = checkpoint.step, checkpoint.directory / "learning_dynamics"
-            out.append(Artifact(model_title(step), step, lambda c=checkpoint: self.model_files(c)))
-            if index == 0:
-                out.append(Artifact(tokenizer_title(step), step, lambda c=checkpoint: self.tokenizer_files(c)))
-                out.append(Artifact(config_title(step), step, lambda c=checkpoint: self.config_files(c)))
-            if step in state_steps:
-                out.append(Artifact(state_title(step), step, lambda c=checkpoint: self.state_files(c),
-                                    (f"{STATE_DIR}/",)))
-            if (self.run_dir / "eval_results" / f"step_{step}.json").is_file():
-                out.append(Artifact(eval_title(step), step, lambda s=step: eval_files(self.run_dir, s)))
-            for split in ("train", "val"):
-                if (dynamics / f"{split}_activations.pt").is_file():
-                    out.append(Artifact(dynamics_title(split, step), step,
-                                        lambda c=checkpoint, s=split: self.dynamics_files(c, s),
-                                        (f"learning_dynamics/{split}_data/",) if split == "train" else ()))
-        return out
+        return [artifact for index, c in enumerate(checkpoints) for artifact in step_artifacts(
+            self.run_dir, c.step, c.directory, index == 0, partial(self.model_files, c),
+            partial(self.tokenizer_files, c), partial(self.config_files, c), partial(self.dynamics_files, c),
+            Artifact(state_title(c.step), c.step, partial(self.state_files, c), (f"{STATE_DIR}/",))
+            if c.step in state_steps else None)]
+
+
+def step_artifacts(run_dir: Path, step: int, directory: Path, first: bool, model: Callable[[], Files],
+                   tokenizer: Callable[[], Files], config: Callable[[], Files],
+                   dynamics: Callable[[str], Files], state: Artifact | None) -> list[Artifact]:
+    """One checkpoint's commits in pico-train's order (a megapico run's and a pico run directory's alike): the HF
+    model; at the first step the tokenizer and training config; the training state, if published; the eval results
+    as they stood; the learning dynamics of each split captured."""
+    out = [Artifact(model_title(step), step, model)]
+    if first:
+        out += [Artifact(tokenizer_title(step), step, tokenizer), Artifact(config_title(step), step, config)]
+    if state is not None:
+        out.append(state)
+    if (run_dir / "eval_results" / f"step_{step}.json").is_file():
+        out.append(Artifact(eval_title(step), step, partial(eval_files, run_dir, step)))
+    for split in ("train", "val"):
+        if (directory / "learning_dynamics" / f"{split}_activations.pt").is_file():
+            out.append(Artifact(dynamics_title(split, step), step, partial(dynamics, split),
+                                (f"learning_dynamics/{split}_data/",) if split == "train" else ()))
+    return out
 
 
 def checked_analysis(workdir: Path, directories: list[Path]) -> Files:

@@ -21,6 +21,7 @@ must equal model.safetensors) with only the files read sent. The one link accept
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import yaml
@@ -42,18 +43,13 @@ from megapico.publish.hub import (
     Local,
     Publication,
     check_options,
-    config_title,
     dynamics_files,
-    dynamics_title,
-    eval_files,
-    eval_title,
     export_files,
-    model_title,
     private_directory,
     publish_run,
     read_bounded,
     request_timeout,
-    tokenizer_title,
+    step_artifacts,
 )
 
 TRAINING_CONFIG = "training_config.yaml"
@@ -181,23 +177,11 @@ class PicoRun:
         with_fabric = [step.step for step in steps if (step.directory / FABRIC_DIR).is_dir()]
         fabric_steps = (set() if self.training_state == "never" or not with_fabric else
                         set(with_fabric) if self.training_state == "every" else {with_fabric[-1]})
-        out = []
-        for index, step in enumerate(steps):
-            n, dynamics = step.step, step.directory / "learning_dynamics"
-            out.append(Artifact(model_title(n), n, lambda s=step: self.model_files(s)))
-            if index == 0:
-                out.append(Artifact(tokenizer_title(n), n, lambda s=step: self.tokenizer_files(s)))
-                out.append(Artifact(config_title(n), n, self.config_files))
-            if n in fabric_steps:
-                out.append(Artifact(fabric_title(n), n, lambda s=step: self.fabric_files(s), (f"{FABRIC_DIR}/",)))
-            if (self.run_dir / "eval_results" / f"step_{n}.json").is_file():
-                out.append(Artifact(eval_title(n), n, lambda k=n: eval_files(self.run_dir, k)))
-            for split in ("train", "val"):
-                if (dynamics / f"{split}_activations.pt").is_file():
-                    out.append(Artifact(dynamics_title(split, n), n,
-                                        lambda s=step, sp=split: self.dynamics_files(s, sp),
-                                        (f"learning_dynamics/{split}_data/",) if split == "train" else ()))
-        return out
+        return [artifact for index, step in enumerate(steps) for artifact in step_artifacts(
+            self.run_dir, step.step, step.directory, index == 0, partial(self.model_files, step),
+            partial(self.tokenizer_files, step), self.config_files, partial(self.dynamics_files, step),
+            Artifact(fabric_title(step.step), step.step, partial(self.fabric_files, step), (f"{FABRIC_DIR}/",))
+            if step.step in fabric_steps else None)]
 
 
 def publish_pico_run(run_dir: Path, repo_id: str, branch: str | None = None, update_main: bool = False,
