@@ -149,20 +149,25 @@ class GPTDataset:
     def __len__(self) -> int:
         return len(self.shuffle_index)
 
-    def __getitem__(self, index: int) -> np.ndarray:
-        """The sample's seq_len + 1 token ids, each checked to fit vocab_size where given (check_vocabulary)."""
+    def spans(self, index: int) -> list[tuple[int, int, int]]:
+        """(document, first token, tokens) of each document sample `index` is cut from, in order: what __getitem__
+        reads, and what tools/trace_data.py names."""
         sample = int(self.shuffle_index[index])
         (first_pos, first_offset), (last_pos, last_offset) = self.sample_index[sample], self.sample_index[sample + 1]
-        if first_pos == last_pos:
-            pieces = [(first_pos, self.indexed.get(int(self.document_index[first_pos]), int(first_offset),
-                                                   int(last_offset - first_offset + 1)))]
-        else:
-            pieces = [(first_pos, self.indexed.get(int(self.document_index[first_pos]), int(first_offset)))]
-            pieces += [(p, self.indexed.get(int(self.document_index[p]))) for p in range(first_pos + 1, last_pos)]
-            pieces.append((last_pos, self.indexed.get(int(self.document_index[last_pos]), 0, int(last_offset) + 1)))
+        spans = []
+        for position in range(int(first_pos), int(last_pos) + 1):
+            document = int(self.document_index[position])
+            start = int(first_offset) if position == first_pos else 0
+            end = int(last_offset) + 1 if position == last_pos else int(self.indexed.sequence_lengths[document])
+            spans.append((document, start, end - start))
+        return spans
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        """The sample's seq_len + 1 token ids, each checked to fit vocab_size where given (check_vocabulary)."""
+        pieces = [(document, self.indexed.get(document, start, length))
+                  for document, start, length in self.spans(index)]
         tokens = np.concatenate([piece for _, piece in pieces], dtype=np.int64)
         if self.vocab_size is not None and (tokens.max() >= self.vocab_size or tokens.min() < 0):
-            for position, piece in pieces:  # name the document
-                check_vocabulary(piece.astype(np.int64), self.vocab_size, self.indexed.prefix,
-                                 int(self.document_index[position]))
+            for document, piece in pieces:  # name the document
+                check_vocabulary(piece.astype(np.int64), self.vocab_size, self.indexed.prefix, document)
         return tokens
