@@ -8,9 +8,14 @@ only (pwcca on ov_circuit wants more sequences than heads x d_model). Inputs are
 capture's shapes (the metrics' cost does not depend on the values).
 
 FLOP model, per component matrix [m, n], k = min(m, n): an SVD with vectors (per, condition_number, nuclear norm:
-pico-analyze's torch.svd) 4 m n k + 22 k^3; cka's two Gram matrices 2 * 2 m^2 n when m < n (else the three
+pico-analyze's torch.svd) 4 m n k + 22 k^3, one per matrix for per and condition_number together (the analysis
+shares it); cka's two Gram matrices 2 * 2 m^2 n when m < n (else the three
 feature products 2 m n^2 each); pwcca's covariance 2 m (2n)^2, two pinv + eigh + one svd ~ 60 n^3, QR 4 m n^2;
 ov_circuit's products 2 m k n per head; elementwise metrics (gini's sort, hoyer, frobenius, inf) ~ 0.
+A100 (the worker on rank 0's GPU, analysis_device auto): products in fp64 at 9.7 TFLOP/s (no tensor cores
+assumed); the SVDs (fp32) and pwcca's pinv/eigh/svd (fp64) half matrix-vector work, bound by 1.5 TB/s at 2 flops per
+element read, half matrix-matrix at half the peak (19.5 TFLOP/s fp32, 9.7 fp64): 1.39 TFLOP/s fp32, 0.70 fp64;
+and, as a pessimistic bound, every one at 0.5 TFLOP/s.
 Usage: python benchmarks/bench_analysis.py [--sequences 256] [--presets tiny small]
 """
 
@@ -28,8 +33,10 @@ from megapico.analysis import analyze  # noqa: E402
 from megapico.analysis.spec import AnalysisSpec, MetricSpec, parse_analysis  # noqa: E402
 from megapico.config import MODEL_PRESETS, ModelConfig  # noqa: E402
 
-A100_GEMM_FP64 = 19.5e12  # FP64 tensor cores (cka, pwcca's products)
-A100_SVD = 0.5e12  # what cuSOLVER's SVD sustains on 1-2k matrices, fp32 (well under the GEMM peak; an assumption)
+A100_FP64 = 9.7e12  # fp64 without tensor cores (cka, pwcca's products)
+A100_FP32 = 19.5e12
+A100_BYTES_S = 1.5e12  # HBM2e, the low end of 1.5-2 TB/s
+A100_SVD_BOUND = 0.5e12  # a pessimistic sustained rate for cuSOLVER's fp32 SVD on 1-2k matrices
 
 
 def spec_for(model: ModelConfig) -> AnalysisSpec:
@@ -72,6 +79,11 @@ def svd_flops(m: int, n: int) -> float:
     return 4 * m * n * k + 22 * k ** 3
 
 
+def spectral_seconds(flops: float, itemsize: int) -> float:
+    """SVD / eigh / pinv flops on an A100 (module docstring's model)."""
+    return flops / 2 / (A100_BYTES_S * 2 / itemsize) + flops / 2 / ((A100_FP32 if itemsize == 4 else A100_FP64) / 2)
+
+
 def metric_flops(metric: MetricSpec, m: int, n: int) -> tuple[float, float]:
     """(GEMM-like, SVD-like) flops of one metric on one [m, n] matrix."""
     if metric.metric_name in ("per", "condition_number") or metric.norm_type == "nuclear":
@@ -83,20 +95,33 @@ def metric_flops(metric: MetricSpec, m: int, n: int) -> tuple[float, float]:
     return 0.0, 0.0
 
 
-def flop_model(spec: AnalysisSpec, model: ModelConfig, sequences: int) -> tuple[float, float]:
-    gemm = svd = 0.0
+def flop_model(spec: AnalysisSpec, model: ModelConfig, sequences: int) -> dict[str, tuple[float, float, float]]:
+    """Per `metric component data_type`: (product flops, SVD flops, A100 SVD seconds); per and condition_number of one
+    component share its SVDs."""
+    rows, spectra = {}, set()
     for metric in spec.metrics:
         for component in metric.components:
+            gemm = svd = seconds = 0.0
+            shared = (metric.data_split, component.component_name, component.data_type, str(component.layer_suffixes))
+            again = metric.metric_name in ("per", "condition_number") and shared in spectra
+            spectra |= {shared} if metric.metric_name in ("per", "condition_number") else set()
             for m, n, product in matrices(model, sequences, component):
-                g, s = metric_flops(metric, m, n)
-                gemm, svd = gemm + g + product * (2 if metric.comparative else 1), svd + s
-    return gemm, svd
+                g, v = metric_flops(metric, m, n)
+                if again:
+                    v = 0.0
+                gemm, svd = gemm + g + product * (2 if metric.comparative else 1), svd + v
+                seconds += spectral_seconds(v, 8 if metric.metric_name == "pwcca" else 4)
+            key = f"{metric.metric_name} {component.component_name} {component.data_type}"
+            old = rows.get(key, (0.0, 0.0, 0.0))
+            rows[key] = (old[0] + gemm, old[1] + svd, old[2] + seconds)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sequences", type=int, default=256)
-    parser.add_argument("--presets", nargs="+", default=["tiny", "small"])
+    parser.add_argument("--presets", nargs="*", default=["tiny", "small"],
+                        help="measured on this CPU (none: the model only)")
     args = parser.parse_args()
     generator = torch.Generator().manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.sequences} train sequences")
@@ -109,26 +134,19 @@ def main() -> None:
         start = time.perf_counter()
         results = analyze(spec, 0, source, {1: target}, model)
         seconds = time.perf_counter() - start
-        gemm, svd = flop_model(spec, model, args.sequences)
+        gemm, svd = (sum(row[i] for row in flop_model(spec, model, args.sequences).values()) for i in (0, 1))
         print(f"| {preset} | {model.d_model} | {gemm / 1e9:,.1f} | {svd / 1e9:,.1f} | {seconds:.2f} | "
               f"{(gemm + svd) / seconds / 1e9:.1f} |  ({sum(len(v) for v in results.values())} values)")
     large = MODEL_PRESETS["large"]
-    spec = spec_for(large)
-    gemm, svd = flop_model(spec, large, 1024)
-    print(f"\nlarge, 1024 train sequences: {gemm / 1e12:.2f} TFLOP GEMM-like + {svd / 1e12:.2f} TFLOP SVD-like")
-    print(f"one A100 (GEMM {A100_GEMM_FP64 / 1e12:.1f} TFLOP/s fp64, SVD ~{A100_SVD / 1e12:.1f} TFLOP/s): "
-          f"~{gemm / A100_GEMM_FP64 + svd / A100_SVD:.0f} s per capture")
-    per_kind = {}
-    for metric in spec.metrics:
-        for component in metric.components:
-            g = s = 0.0
-            for m, n, _ in matrices(large, 1024, component):
-                dg, ds = metric_flops(metric, m, n)
-                g, s = g + dg, s + ds
-            key = f"{metric.metric_name} {component.component_name} {component.data_type}"
-            per_kind[key] = per_kind.get(key, 0.0) + g / A100_GEMM_FP64 + s / A100_SVD
-    for key, seconds in sorted(per_kind.items(), key=lambda kv: -kv[1])[:6]:
-        print(f"  {key}: ~{seconds:.1f} s")
+    rows = flop_model(spec_for(large), large, 1024)
+    gemm, svd, svd_s = (sum(row[i] for row in rows.values()) for i in (0, 1, 2))
+    print(f"\nlarge, 1024 train sequences: {gemm / 1e12:.2f} TFLOP of products + {svd / 1e12:.2f} TFLOP of SVDs")
+    print(f"one A100: ~{gemm / A100_FP64 + svd_s:.0f} s per capture by the model (products at "
+          f"{A100_FP64 / 1e12:.1f} TFLOP/s fp64, SVDs {svd_s:.0f} s); ~{gemm / A100_FP64 + svd / A100_SVD_BOUND:.0f} s "
+          f"with every SVD at {A100_SVD_BOUND / 1e12:.1f} TFLOP/s")
+    for key, (g, v, seconds) in sorted(rows.items(), key=lambda kv: -(kv[1][0] / A100_FP64 + kv[1][1]))[:6]:
+        print(f"  {key}: {g / 1e12:.2f} + {v / 1e12:.2f} TFLOP, ~{g / A100_FP64 + seconds:.1f} s "
+              f"(~{g / A100_FP64 + v / A100_SVD_BOUND:.1f} s at the bound)")
 
 
 if __name__ == "__main__":

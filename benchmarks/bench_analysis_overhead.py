@@ -29,7 +29,8 @@ from megapico.analysis import analyze  # noqa: E402
 from megapico.analysis.spec import AnalysisSpec, parse_analysis  # noqa: E402
 from megapico.config import MODEL_PRESETS, ModelConfig  # noqa: E402
 from megapico.model import PicoDecoder  # noqa: E402
-from megapico.training.analysis_runner import WORKER_THREADS, AnalysisRunner  # noqa: E402
+from megapico.training.analysis_runner import AnalysisRunner  # noqa: E402
+from megapico.training.analysis_worker import WORKER_THREADS  # noqa: E402
 from megapico.training.learning_dynamics import capture_learning_dynamics  # noqa: E402
 
 

@@ -1,8 +1,10 @@
-"""The off-path analysis runner (megapico/training/analysis_runner.py): its files equal analyze() called directly on
-every step, submit() does not wait for the analysis, comparative metrics owed across a stop are completed by the
-resumed run, a dead worker is one warning, and a pending file is whole or absent."""
+"""The off-path analysis runner (megapico/training/analysis_runner.py, its worker analysis_worker.py): its files equal
+analyze() called directly on every step, submit() does not wait for the analysis, comparative metrics owed across a
+stop and captures still queued at a stop are completed by the resumed run, once, a dead worker is one warning, a
+pending file is whole or absent, and the worker runs on rank 0's GPU where there is one."""
 
 import json
+import signal
 import time
 
 import pytest
@@ -11,8 +13,16 @@ import torch
 from megapico.analysis import analyze, flat_scalars, needed_for_targets, results_directory
 from megapico.analysis.spec import parse_analysis
 from megapico.checkpoint.files import read_checkpoint_file
-from megapico.config import ModelConfig
-from megapico.training.analysis_runner import PENDING_DIR, AnalysisRunner, Analyst, owed_steps
+from megapico.config import ConfigError, ModelConfig
+from megapico.training.analysis_runner import AnalysisRunner
+from megapico.training.analysis_worker import (
+    PENDING_DIR,
+    Analyst,
+    _stop_between_writes,
+    _Stopped,
+    analysis_device,
+    owed_steps,
+)
 
 MODEL = ModelConfig(d_model=16, n_layers=2, attention_n_heads=2, attention_n_kv_heads=1, activation_hidden_dim=32)
 SUFFIXES = ("attention.v_proj", "attention.o_proj", "swiglu.w_2")
@@ -138,9 +148,9 @@ def test_a_resumed_run_completes_pending_steps_whose_target_is_already_kept(tmp_
     spec = spec_of()
     captures = {step: capture(step) for step in (0, 4)}
     analyst = Analyst(spec, tmp_path, MODEL)
-    analyst.step(0, captures[0])
-    analyst.complete_pending = list  # the stop, between the target's file and the pending step's completion
-    analyst.step(4, captures[4])
+    analyst.step(0, captures[0], print)
+    analyst.complete_pending = lambda report: None  # the stop, between the target's file and the pending steps'
+    analyst.step(4, captures[4], print)
     assert owed_steps(spec, tmp_path) == [0]
     runner = AnalysisRunner(spec, tmp_path, MODEL)
     assert merged(runner.close(CLOSE_S)) == {0: flat_scalars({"cka_val": expected(spec, captures, 0)["cka_val"]})}
@@ -184,14 +194,76 @@ def test_a_stop_while_writing_a_pending_file_leaves_the_old_file_or_none(tmp_pat
     real_save = torch.save
     monkeypatch.setattr(torch, "save", killed)
     with pytest.raises(KeyboardInterrupt):
-        analyst.step(0, capture(0))
+        analyst.step(0, capture(0), print)
     assert list((tmp_path / PENDING_DIR).iterdir()) == []
     monkeypatch.setattr(torch, "save", real_save)
-    analyst.step(0, capture(0))
+    analyst.step(0, capture(0), print)
     whole = pending.read_bytes()
     monkeypatch.setattr(torch, "save", killed)
     with pytest.raises(KeyboardInterrupt):
-        analyst.step(0, capture(0))
+        analyst.step(0, capture(0), print)
     assert [path.name for path in (tmp_path / PENDING_DIR).iterdir()] == ["step_0.pt"]
     assert pending.read_bytes() == whole
     assert owed_steps(spec, tmp_path) == [0]
+
+
+def test_a_stop_keeps_the_queued_captures_and_the_next_runner_completes_them_once(tmp_path, capsys):
+    """close(0) (a stop) right after the submits, before the worker has started: every queued capture (the comparative
+    target's among them) is kept whole in the pending area, owing every metric, and the next runner on the run
+    directory writes and returns each result once, equal to analyze() on the capture."""
+    spec = spec_of()
+    captures = {step: capture(step) for step in (0, 2, 4, 6)}
+    first = AnalysisRunner(spec, tmp_path, MODEL)
+    for step in (0, 2, TARGET):
+        first.submit(step, capture(step))
+    assert first.close(0.0) == []
+    assert "analysis: steps 0, 2, 4 not analyzed yet: kept in" in capsys.readouterr().out
+    assert owed_steps(spec, tmp_path) == [0, 2, 4] and not (tmp_path / "analysis_results").exists()
+    kept = read_checkpoint_file(tmp_path / PENDING_DIR / "step_2.pt")
+    assert kept["owes"] == ["norm_train", "condition_number_val", "cka_val"]
+    assert torch.equal(kept["dynamics"]["val"]["gradients"]["layers.1.attention.o_proj"],
+                       captures[2]["val"]["gradients"]["layers.1.attention.o_proj"])
+    assert "layers.0.swiglu.w_2" not in kept["dynamics"]["val"]["gradients"]  # only what the spec reads
+    resumed = AnalysisRunner(spec, tmp_path, MODEL)
+    resumed.submit(6, capture(6))
+    returned = merged(resumed.close(CLOSE_S))
+    assert returned == {step: flat_scalars(expected(spec, captures, step)) for step in captures}
+    for step in captures:
+        assert on_disk(tmp_path, step) == expected(spec, captures, step)
+    assert owed_steps(spec, tmp_path) == [] and not list((tmp_path / PENDING_DIR).glob("step_*"))
+
+
+def test_a_worker_stopped_mid_analysis_leaves_every_written_result_reported(tmp_path):
+    """SIGTERM while a result is being written and reported: the write and its message finish first, then the worker
+    ends (a result on disk is a result logged); outside that, SIGTERM ends the analysis at once."""
+    analyst = Analyst(spec_of(), tmp_path, MODEL)
+    _stop_between_writes(analyst)
+    reported = []
+
+    def report(message):
+        if message[0] == "result":
+            signal.raise_signal(signal.SIGTERM)  # arrives inside the write: held until the message is out
+        reported.append(message)
+
+    try:
+        with pytest.raises(_Stopped):
+            analyst.step(0, capture(0), report)
+        assert [message[0] for message in reported] == ["result"]
+        assert set(reported[0][2]) == set(flat_scalars(on_disk(tmp_path, 0)))
+        with pytest.raises(_Stopped):
+            signal.raise_signal(signal.SIGTERM)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+@pytest.mark.parametrize("setting, training, chosen", [
+    ("auto", "cpu", "cpu"), ("auto", "cuda:3", "cuda:3"), ("cpu", "cuda:1", "cpu"), ("cuda", "cuda:0", "cuda:0"),
+    ("cuda", "cuda", "cuda:0")])
+def test_the_analysis_device_is_rank_0s_gpu_or_the_cpu(setting, training, chosen):
+    assert analysis_device(setting, torch.device(training)) == torch.device(chosen)
+
+
+def test_a_cuda_analysis_without_a_gpu_is_one_line():
+    with pytest.raises(ConfigError, match="analysis_device=cuda, but this run trains on cpu; set it to auto or cpu"):
+        analysis_device("cuda", torch.device("cpu"))

@@ -198,3 +198,31 @@ def test_analysis_results_are_logged_at_their_step_and_kept_on_resume(tmp_path):
     keep_records_up_to(logger.metrics_path, 1)
     assert [json.loads(line) for line in logger.metrics_path.read_text().splitlines()] == [
         {"step": 2, "analysis": "live", key: 0.5}, {"step": 4, "analysis": "live", key: 0.7}]
+
+
+def test_captures_queued_at_a_stop_are_analyzed_by_the_resumed_run_once(sample_prefix, tmp_path):
+    """Captures every 2 steps; the first launch ends right after step 1 without waiting for its analysis
+    (exit_interval=1 with wait_at_end_s=0: the runner closes as at a stop), its captures of steps 0 and 1 queued or
+    analyzed by then, as the worker's start-up allows (tests/test_analysis_runner.py stops a runner before its worker
+    starts: the queued path for certain). Nothing is lost either way: the resumed launch writes every step's results
+    once, equal to an uninterrupted run's, and metrics.jsonl holds each result once."""
+    analysis, whole, stopped = analysis_file(tmp_path), tmp_path / "whole", tmp_path / "stopped"
+    every_2 = {"checkpointing.learning_dynamics.interval": 2}
+    train(1, with_dynamics(sample_prefix, whole, analysis, **every_2), tmp_path)
+    settings = with_dynamics(sample_prefix, stopped, analysis, **every_2)
+    train(1, [*settings, "training.exit_interval=1", "checkpointing.learning_dynamics.wait_at_end_s=0"], tmp_path)
+    assert train(1, settings, tmp_path)["resumed_from"] == 1
+
+    def analyzed(root):
+        return {(r["step"], key): value for r in records(root) if r.get("analysis") == "live"
+                for key, value in r.items() if "/" in key}
+
+    results = {root: root.joinpath(*RUN, "analysis_results", "live") for root in (whole, stopped)}
+    assert sorted(path.name for path in results[stopped].iterdir()) == [f"step_{n}" for n in (0, 1, 2, 4, 5)]
+    for step in (0, 2, 4, 5):
+        assert {path.name: path.read_text() for path in (results[stopped] / f"step_{step}").iterdir()} == {
+            path.name: path.read_text() for path in (results[whole] / f"step_{step}").iterdir()}, step
+    assert {k: v for k, v in analyzed(stopped).items() if k[0] != 1} == analyzed(whole)
+    logged = [(r["step"], key) for r in records(stopped) if r.get("analysis") for key in r if "/" in key]
+    assert len(logged) == len(set(logged))  # no result logged twice
+    assert not list(stopped.joinpath(*RUN, "analysis_pending").glob("step_*"))

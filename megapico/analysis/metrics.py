@@ -32,7 +32,7 @@ Metrics, on each component matrix X:
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -44,6 +44,7 @@ Dynamics = Mapping[str, Mapping[str, Tensors]]  # split -> kind (activations | w
 LAYER_KEY = re.compile(r"(.*?layers\.)\d+\.")
 CCA_TRIALS = 10  # svcca's num_cca_trials
 PINV_RTOL = 1e-15  # numpy.linalg.pinv's default cut-off, which pico-analyze's CCA uses
+CPU = torch.device("cpu")
 
 
 def model_prefix(states: Mapping[str, Tensors]) -> str:
@@ -58,35 +59,35 @@ def model_prefix(states: Mapping[str, Tensors]) -> str:
     raise ValueError("no captured tensors keyed {prefix}layers.{i}.{suffix} to analyze")
 
 
-def _tensor(states: Mapping[str, Tensors], kind: str, key: str) -> torch.Tensor:
+def _tensor(states: Mapping[str, Tensors], kind: str, key: str, device: torch.device) -> torch.Tensor:
     try:
-        return states[kind][key].float()
+        return states[kind][key].to(device).float()
     except KeyError:
         raise ValueError(f"the capture holds no {kind} '{key}' that the analysis needs") from None
 
 
-def component_tensors(states: Mapping[str, Tensors], component: ComponentSpec, model: ModelConfig
-                      ) -> dict[str, torch.Tensor]:
-    """pico-analyze's component: result key -> fp64 matrix, in its order (per layer: heads, then the whole)."""
+def component_matrices(states: Mapping[str, Tensors], component: ComponentSpec, model: ModelConfig,
+                       device: torch.device = CPU) -> Iterator[tuple[str, torch.Tensor]]:
+    """pico-analyze's component: (result key, fp32 matrix on `device`) in its order (per layer: heads, then the
+    whole), one layer's matrices built at a time (a GPU worker holds one layer, not the model's)."""
     prefix, kind = model_prefix(states), component.data_type
-    out: dict[str, torch.Tensor] = {}
     if component.component_name == "simple":
         for layer in component.layers:
             name = f"{prefix}{layer}.{component.layer_suffixes}"
-            out[f"{name}.{kind}"] = _tensor(states, kind, name)
-        return out
+            yield f"{name}.{kind}", _tensor(states, kind, name, device)
+        return
     heads, head_dim = model.attention_n_heads, model.d_model // model.attention_n_heads
     group = heads // model.attention_n_kv_heads
     value, output = component.layer_suffixes["value_layer"], component.layer_suffixes["output_layer"]
     for layer in component.layers:
-        o_proj = _tensor(states, "weights", f"{prefix}{layer}.{output}")
+        o_proj = _tensor(states, "weights", f"{prefix}{layer}.{output}", device)
         if kind == "activations":
-            v_rows = _tensor(states, "activations", f"{prefix}{layer}.{value}")
+            v_rows = _tensor(states, "activations", f"{prefix}{layer}.{value}", device)
         else:
-            v_proj = _tensor(states, "weights", f"{prefix}{layer}.{value}")
+            v_proj = _tensor(states, "weights", f"{prefix}{layer}.{value}", device)
         if kind == "gradients":
-            d_o = _tensor(states, "gradients", f"{prefix}{layer}.{output}")
-            d_v = _tensor(states, "gradients", f"{prefix}{layer}.{value}")
+            d_o = _tensor(states, "gradients", f"{prefix}{layer}.{output}", device)
+            d_v = _tensor(states, "gradients", f"{prefix}{layer}.{value}", device)
         per_head = []
         for head in range(heads):
             kv = slice(head // group * head_dim, (head // group + 1) * head_dim)
@@ -97,10 +98,9 @@ def component_tensors(states: Mapping[str, Tensors], component: ComponentSpec, m
                 matrix = v_proj[kv, :] @ o_proj[:, cols]
             else:
                 matrix = o_proj[:, cols] @ d_v[kv, :] + d_o[:, cols] @ v_proj[kv, :]
-            out[f"{prefix}{layer}.ov_circuit.{kind}.heads.{head}"] = matrix
+            yield f"{prefix}{layer}.ov_circuit.{kind}.heads.{head}", matrix
             per_head.append(matrix)
-        out[f"{prefix}{layer}.ov_circuit.{kind}"] = torch.cat(per_head, dim=1)
-    return out
+        yield f"{prefix}{layer}.ov_circuit.{kind}", torch.cat(per_head, dim=1)
 
 
 def cka(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -131,6 +131,11 @@ def _cca(acts1: torch.Tensor, acts2: torch.Tensor) -> tuple[torch.Tensor, torch.
     return u, s.abs(), acts1.mean(1, keepdim=True)
 
 
+def _noise(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """N(0, 1e-6) drawn on the CPU (the same numbers on any device), on `like`'s device."""
+    return (torch.randn(like.shape, generator=generator, dtype=torch.float64) * 1e-6).to(like.device)
+
+
 def pwcca(x: torch.Tensor, y: torch.Tensor) -> float:
     """Projection-weighted CCA of two [samples, neurons] matrices (needs samples > neurons). Where the CCA fails
     (a singular covariance: ov_circuit's activations have rank <= head_dim per head), svcca's
@@ -144,8 +149,8 @@ def pwcca(x: torch.Tensor, y: torch.Tensor) -> float:
             u, s, means = _cca(tried1, tried2)
             break
         except torch.linalg.LinAlgError:
-            tried1 = tried1 * 0.1 + torch.randn(tried1.shape, generator=generator, dtype=torch.float64) * 1e-6
-            tried2 = tried2 * 0.1 + torch.randn(tried1.shape, generator=generator, dtype=torch.float64) * 1e-6
+            tried1 = tried1 * 0.1 + _noise(tried1, generator)
+            tried2 = tried2 * 0.1 + _noise(tried1, generator)
     else:
         return math.nan
     directions = u.T @ (acts1 - means) + means  # svcca weighs with the inputs as given, the retry's means
@@ -160,14 +165,14 @@ def singular_values(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svd(x, full_matrices=False).S
 
 
-def per(x: torch.Tensor) -> float:
-    singular = singular_values(x)
+def per(singular: torch.Tensor) -> float:
+    """From singular_values(x)."""
     p = singular / singular.sum()
     return float(torch.exp(-(p * torch.log(p)).sum()) / len(singular))
 
 
-def condition_number(x: torch.Tensor) -> float:
-    singular = singular_values(x)
+def condition_number(singular: torch.Tensor) -> float:
+    """From singular_values(x)."""
     return float(singular.max() / singular.min())
 
 
@@ -176,7 +181,7 @@ def gini(x: torch.Tensor) -> float:
     n, total = values.numel(), values.sum()
     if n == 0 or total == 0:
         return 0.0
-    index = torch.arange(1, n + 1, dtype=values.dtype)
+    index = torch.arange(1, n + 1, dtype=values.dtype, device=values.device)
     return float(((2 * index - n - 1) * values).sum() / (n * total))
 
 
@@ -189,33 +194,48 @@ def hoyer(x: torch.Tensor) -> float:
 NORMS = {"frobenius": lambda x: float(torch.linalg.vector_norm(x, 2)),
          "nuclear": lambda x: float(torch.linalg.matrix_norm(x, "nuc")),
          "inf": lambda x: float(x.abs().max())}
-SINGLE = {"per": per, "condition_number": condition_number, "gini": gini, "hoyer": hoyer}
+SPECTRAL = {"per": per, "condition_number": condition_number}  # of singular_values(x): one SVD per matrix serves both
+SINGLE = {"gini": gini, "hoyer": hoyer}
 PAIRED = {"cka": cka, "pwcca": pwcca}
+Spectra = dict[tuple[str, str, str], torch.Tensor]
 
 
 def metric_values(metric: MetricSpec, states: Mapping[str, Tensors], model: ModelConfig,
-                  target_states: Mapping[str, Tensors] | None = None) -> dict[str, float]:
-    """One metric on one split's capture: pico-analyze's JSON for that step (component results merged in order)."""
+                  target_states: Mapping[str, Tensors] | None = None, spectra: Spectra | None = None,
+                  device: torch.device = CPU) -> dict[str, float]:
+    """One metric on one split's capture: pico-analyze's JSON for that step (component results merged in order).
+    `spectra`: singular values already taken of this split's matrices (per and condition_number of one matrix
+    share its SVD, the analysis's largest cost), filled here."""
     values: dict[str, float] = {}
+    spectra = {} if spectra is None else spectra
     for component in metric.components:
-        source = component_tensors(states, component, model)
+        source = component_matrices(states, component, model, device)
         if metric.comparative:
-            target = component_tensors(target_states, component, model)
-            values.update({key: PAIRED[metric.metric_name](matrix, target[key]) for key, matrix in source.items()})
+            target = component_matrices(target_states, component, model, device)
+            for (key, matrix), (_, other) in zip(source, target, strict=True):
+                values[key] = PAIRED[metric.metric_name](matrix, other)
+        elif metric.metric_name in SPECTRAL:
+            for key, matrix in source:
+                known = (metric.data_split, repr(component.layer_suffixes), key)
+                if known not in spectra:
+                    spectra[known] = singular_values(matrix)
+                values[key] = SPECTRAL[metric.metric_name](spectra[known])
         else:
             compute = NORMS[metric.norm_type] if metric.metric_name == "norm" else SINGLE[metric.metric_name]
-            values.update({key: compute(matrix) for key, matrix in source.items()})
+            values.update({key: compute(matrix) for key, matrix in source})
     return values
 
 
 def analyze(spec: AnalysisSpec, step: int, dynamics: Dynamics, targets: Mapping[int, Dynamics] | None,
-            model: ModelConfig, comparative: bool | None = None) -> dict[str, dict[str, float]]:
+            model: ModelConfig, comparative: bool | None = None, device: torch.device = CPU
+            ) -> dict[str, dict[str, float]]:
     """pico-analyze's results for capture `step`: `<metric>_<split>` -> the JSON content it writes in
     step_{step}/. `dynamics[split][kind][key]`: the step's captured tensors. `targets`: target step -> its capture
     (the same layout; at least needed_for_targets(spec)); a comparative metric whose target is not there yet is left
     out, to be computed when the target is captured. `comparative`: None = every metric, True = only cka/pwcca,
-    False = only the others (a step whose single-checkpoint results are already written)."""
-    results = {}
+    False = only the others (a step whose single-checkpoint results are already written). `device`: where the
+    matrices are built and measured (each moved there as read; the CPU path is pico-analyze's own)."""
+    results, spectra = {}, {}
     with torch.no_grad():
         for metric in spec.metrics:
             if comparative is not None and metric.comparative != comparative:
@@ -225,7 +245,8 @@ def analyze(spec: AnalysisSpec, step: int, dynamics: Dynamics, targets: Mapping[
                 if not targets or metric.target_checkpoint not in targets:
                     continue
                 target_states = targets[metric.target_checkpoint][metric.data_split]
-            results[metric.result_name] = metric_values(metric, dynamics[metric.data_split], model, target_states)
+            results[metric.result_name] = metric_values(metric, dynamics[metric.data_split], model, target_states,
+                                                        spectra, device)
     return results
 
 

@@ -31,6 +31,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "training.activation_checkpointing.mode": ("none", "full", "selective"),
     "checkpointing.verify": ("hash", "size"),
     "checkpointing.learning_dynamics.precision": ("auto", "fp32", "bf16-mixed", "bf16"),
+    "checkpointing.learning_dynamics.analysis_device": ("auto", "cpu", "cuda"),
     "logging.wandb_mode": ("offline", "online", "disabled"),
     "checkpointing.hf_checkpoint.training_state": ("every", "last", "never"),
 }

@@ -153,6 +153,13 @@ class LearningDynamicsConfig:
     capture as the run goes, off the training path, into runs/RUN/analysis_results/ and the logs under pico-analyze's
     keys; checked against the run at launch, before any step trains. Empty = no analysis (the captures are only
     stored, for pico-analyze afterwards)."""
+    analysis_device: str = "cpu"
+    """Where the analysis computes (its own background process beside rank 0): cpu (the default: pico-analyze's own
+    path, the same numbers bit for bit, and no GPU time taken from training) | auto (rank 0's GPU where it trains on
+    one, within a 4 GiB budget, else the host CPU: for configs too heavy for the host to keep up with, at the price
+    of GPU time shared with rank 0's training) | cuda. On a GPU every metric equals pico-analyze's to rounding
+    except condition_number of a rank-deficient matrix (ov_circuit's), whose smallest singular value is the SVD
+    driver's rounding noise there and here."""
     interval: int = 0
     """Also capture every N steps without a checkpoint, for the analysis only (nothing written but its results:
     storing learning dynamics is what checkpoints are for), so its curves are denser than the checkpoints; needs

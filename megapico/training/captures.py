@@ -3,11 +3,12 @@
 Where a capture goes: step 0's and every checkpoint's are pico's `learning_dynamics/` of the checkpoint (written
 before its manifest; a stop's save leaves them to the resume); every checkpointing.learning_dynamics.interval steps a
 capture is taken for the analysis alone and nothing of it is stored (storing learning dynamics is what checkpoints
-are for). Every capture is the same: both splits, by capture_splits, so the analysis of a step is the same whichever
-way it was captured. With checkpointing.learning_dynamics.analysis set, rank 0 hands each capture to the
-AnalysisRunner (megapico/training/analysis_runner.py), which computes pico-analyze's metrics in a background
-process; the loop polls it at step ends and logs what it reports at its step N. A capture changes no training
-step: it reads the fp32 weights and the data, and draws no random number.
+are for). Every capture takes its splits the same way, by capture_splits (an analysis-only one only the splits the
+analysis reads), so the analysis of a step is the same whichever way it was captured. With
+checkpointing.learning_dynamics.analysis set, rank 0 hands each capture to the AnalysisRunner
+(megapico/training/analysis_runner.py), which computes pico-analyze's metrics in a background process (on rank 0's
+GPU where it has one: analysis_device); the loop polls it at step ends and logs what it reports at its step N.
+A capture changes no training step: it reads the fp32 weights and the data, and draws no random number.
 
 The analysis config is checked at launch on every rank, before any step trains, against the steps this run
 captures (captured_steps: as the loop captures), its val sequences and its global batch.
@@ -27,6 +28,7 @@ from megapico.config import ConfigError, MegapicoConfig
 from megapico.data.indexed_dataset import IndexedDataset
 from megapico.data.pretokenized_dataset import TextDocuments
 from megapico.parallel import ParallelState
+from megapico.training.analysis_worker import analysis_device, owed_steps
 from megapico.training.learning_dynamics import (
     capture_splits,
     first_sequences,
@@ -89,6 +91,7 @@ def check_learning_dynamics(config: MegapicoConfig, val_sequences: int, global_b
     if not 0 <= dynamics.wait_at_end_s <= MAX_WAIT_AT_END_S:
         raise ConfigError(f"{KEY}.wait_at_end_s must be between 0 and {MAX_WAIT_AT_END_S:g} (the run's lock has no "
                           f"heartbeat meanwhile), got {dynamics.wait_at_end_s}")
+    analysis_device(dynamics.analysis_device, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     spec = load_analysis(dynamics.analysis)
     check_analysis(spec, config.model, captured_steps(config), val_sequences, global_batch)
     return spec
@@ -110,14 +113,15 @@ class Captures:
         self.precision = probe_precision(self.dynamics.precision, run_precision)
         self.run_dir, self.runner = run_dir, None
         if self.spec is not None and dist.get_rank() == 0:
-            from megapico.training.analysis_runner import AnalysisRunner, owed_steps  # its worker only when asked
+            from megapico.training.analysis_runner import AnalysisRunner  # its worker only when asked
 
             owed = owed_steps(self.spec, run_dir)
             if owed:
                 print(f"analysis {self.spec.analysis_name}: steps {', '.join(map(str, owed))} owe comparative metrics "
                       f"(kept in {run_dir / 'analysis_pending'}); computed when their target step is captured",
                       flush=True)
-            self.runner = AnalysisRunner(self.spec, run_dir, config.model)
+            self.runner = AnalysisRunner(self.spec, run_dir, config.model,
+                                         analysis_device(self.dynamics.analysis_device, engine.device))
 
     def due(self, step: int) -> bool:
         """Whether `step` takes an analysis-only capture (a checkpoint's capture serves it otherwise)."""
@@ -126,11 +130,14 @@ class Captures:
     def capture(self, step: int, consumed: int, checkpoint: Path | None = None) -> None:
         """pico's learning dynamics of `step`, written into `checkpoint`/learning_dynamics/ when given, and handed to
         the analysis. The train split is the batch the next step trains (none past the data's end); the val split is
-        the same every time."""
+        the same every time; an analysis-only capture takes only the splits the analysis reads."""
         splits = {"val": self.val_sequences}
         upcoming = next_global_batch(self.data.train, consumed, self.data.global_batch)
         if upcoming is not None:
             splits = {"train": upcoming, **splits}
+        if checkpoint is None:  # for the analysis alone: a split it does not read is not captured
+            splits = {split: sequences for split, sequences in splits.items()
+                      if split in {metric.data_split for metric in self.spec.metrics}}
         engine, dp_group, micro = self.engine, self.parallel.dp_group, self.dynamics.micro_batch_size
         if checkpoint is not None:
             states = save_learning_dynamics(engine.module, fp32_weights(engine), splits,
