@@ -1,16 +1,20 @@
 """Learning dynamics as the run goes (issue 33): captures every learning_dynamics.interval steps feed the analysis,
-store nothing and change no training step; the analysis config is refused at launch; a stop during step 0's
-capture leaves a run the same command starts afresh."""
+store nothing, compute only the kinds the analysis reads and change no training step; the analysis config is refused
+at launch; a stop during step 0's capture leaves a run the same command starts afresh."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import training_overrides as overrides
 from distributed import train
 
-from megapico.config import ConfigError, load_config
-from megapico.training.captures import captured_steps, check_learning_dynamics
+from megapico.analysis import load_analysis
+from megapico.config import ConfigError, ModelConfig, load_config
+from megapico.model import PicoDecoder
+from megapico.training.captures import captured_steps, check_learning_dynamics, kinds_read
+from megapico.training.learning_dynamics import capture_learning_dynamics
 from megapico.training.logger import RunLogger, keep_records_up_to
 
 RUN = ("runs", "megapico-run")
@@ -26,6 +30,30 @@ metrics:
     target_checkpoint: 4
     components:
       - {component_name: simple, data_type: activations, layer_suffixes: attention.v_proj, layers: [0]}
+"""
+
+ACTIVATIONS_ONLY = """analysis_name: live
+metrics:
+  - metric_name: cka
+    data_split: val
+    target_checkpoint: 4
+    components:
+      - {component_name: simple, data_type: activations, layer_suffixes: attention.v_proj, layers: [0]}
+  - metric_name: gini
+    data_split: train
+    components:
+      - {component_name: simple, data_type: activations, layer_suffixes: swiglu.w_2, layers: [0, 1]}
+"""
+OV_CIRCUIT = """analysis_name: live
+metrics:
+  - metric_name: norm
+    data_split: train
+    norm_type: nuclear
+    components:
+      - component_name: ov_circuit
+        data_type: gradients
+        layers: [0]
+        layer_suffixes: {value_layer: attention.v_proj, output_layer: attention.o_proj}
 """
 
 
@@ -45,6 +73,10 @@ def records(root):
     return [json.loads(line) for line in root.joinpath(*RUN, "metrics.jsonl").read_text().splitlines()]
 
 
+def losses(root):
+    return {r["step"]: r["train/loss"] for r in records(root) if "train/loss" in r}
+
+
 def final_weights(root):
     state = torch.load(root.joinpath(*RUN, "checkpoints", "step_5", "mp_rank_00_model_states.pt"),
                        weights_only=False)
@@ -62,9 +94,6 @@ def test_interval_captures_equal_checkpoint_captures_and_change_no_step(sample_p
           tmp_path)
     train(2, with_dynamics(sample_prefix, saved, analysis, **{"checkpointing.save_interval": 2}), tmp_path)
     train(2, overrides(sample_prefix, plain), tmp_path)  # no learning dynamics at all
-
-    def losses(root):
-        return {r["step"]: r["train/loss"] for r in records(root) if "train/loss" in r}
 
     def analyzed(root):
         return {(r["step"], key): value for r in records(root) if r.get("analysis") == "live"
@@ -106,6 +135,69 @@ def test_interval_captures_equal_checkpoint_captures_and_change_no_step(sample_p
     assert {path.name: path.read_text() for path in (results / "step_5").iterdir()} == written
     assert analyzed(interval) == analyzed(saved)
     assert sum(1 for r in records(interval) if r.get("analysis") and r["step"] == 5) == 1
+
+
+def test_an_activations_only_analysis_takes_forward_only_captures_with_the_full_captures_results(sample_prefix,
+                                                                                                  tmp_path):
+    """DP=2, an analysis reading only activations (both splits): its interval captures (forward only, no gradients,
+    no weights) give the results the full captures of checkpoints give, file for file, and the same training."""
+    analysis = analysis_file(tmp_path, ACTIVATIONS_ONLY)
+    interval, saved = tmp_path / "interval", tmp_path / "saved"
+    train(2, with_dynamics(sample_prefix, interval, analysis, **{"checkpointing.learning_dynamics.interval": 2}),
+          tmp_path)
+    train(2, with_dynamics(sample_prefix, saved, analysis, **{"checkpointing.save_interval": 2}), tmp_path)
+    assert losses(interval) == losses(saved) and len(losses(interval)) == 5
+    weights, reference = final_weights(interval), final_weights(saved)
+    assert weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in weights)
+    assert sorted(path.name for path in interval.joinpath(*RUN, "checkpoints").glob("step_*")) == ["step_0", "step_5"]
+    results = {root: root.joinpath(*RUN, "analysis_results", "live") for root in (interval, saved)}
+    for step in (2, 4):  # captured for the analysis alone in one run, at a checkpoint in the other
+        written = {path.name: path.read_text() for path in (results[interval] / f"step_{step}").iterdir()}
+        assert sorted(written) == ["cka_val.json", "gini_train.json"]
+        assert written == {path.name: path.read_text() for path in (results[saved] / f"step_{step}").iterdir()}
+
+
+def test_the_analysis_reads_name_the_kinds_an_analysis_only_capture_computes(tmp_path):
+    assert kinds_read(load_analysis(analysis_file(tmp_path))) == {"val": {"weights", "activations"}}
+    assert kinds_read(load_analysis(analysis_file(tmp_path, ACTIVATIONS_ONLY))) == {
+        "train": {"activations"}, "val": {"activations"}}
+    # an ov_circuit component reads its layers' weights besides its data type
+    assert kinds_read(load_analysis(analysis_file(tmp_path, OV_CIRCUIT))) == {"train": {"gradients", "weights"}}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-mixed"])
+def test_a_capture_of_some_kinds_is_those_of_the_full_capture_and_runs_only_the_passes_they_need(precision,
+                                                                                               monkeypatch):
+    """Bit for bit the full capture's tensors, split into micro batches of two lengths; without gradients the layers
+    run under no_grad and the head and loss never run (so no backward); weights alone run no pass at all."""
+    torch.manual_seed(3)
+    model = PicoDecoder(ModelConfig(d_model=32, n_layers=2, attention_n_heads=4, attention_n_kv_heads=2,
+                                    activation_hidden_dim=64, vocab_size=256, max_seq_len=32))
+    rng = np.random.default_rng(0)
+    sequences = [*rng.integers(0, 256, (5, 17)), *rng.integers(0, 256, (3, 9))]
+    full = capture_learning_dynamics(model, sequences, micro_batch_size=2, precision=precision)
+    calls = []
+
+    def recorded(name, method):
+        def call(*args, **kwargs):
+            calls.append((name, torch.is_grad_enabled()))
+            return method(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(PicoDecoder, "forward", recorded("forward", PicoDecoder.forward))
+    monkeypatch.setattr(PicoDecoder, "hidden_states", recorded("hidden_states", PicoDecoder.hidden_states))
+    for kinds, passes in [(("activations",), {("hidden_states", False)}), (("weights",), set()),
+                          (("gradients", "activations"), {("forward", True), ("hidden_states", True)}),
+                          (("weights", "activations"), {("hidden_states", False)})]:
+        calls.clear()
+        part = capture_learning_dynamics(model, sequences, micro_batch_size=2, precision=precision, kinds=kinds)
+        assert set(calls) == passes, kinds
+        assert list(part) == [kind for kind in full if kind in kinds]
+        for kind in kinds:
+            assert part[kind].keys() == full[kind].keys()
+            assert all(torch.equal(part[kind][key], full[kind][key]) for key in full[kind]), (kinds, kind)
+    with pytest.raises(ValueError, match=r"kinds must be among activations, weights, gradients, got \['logits'\]"):
+        capture_learning_dynamics(model, sequences, micro_batch_size=2, kinds=("logits",))
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -3,8 +3,9 @@
 Where a capture goes: step 0's and every checkpoint's are pico's `learning_dynamics/` of the checkpoint (written
 before its manifest; a stop's save leaves them to the resume); every checkpointing.learning_dynamics.interval steps a
 capture is taken for the analysis alone and nothing of it is stored (storing learning dynamics is what checkpoints
-are for). Every capture takes its splits the same way, by capture_splits (an analysis-only one only the splits the
-analysis reads), so the analysis of a step is the same whichever way it was captured. With
+are for). Every capture takes its splits the same way, by capture_splits (an analysis-only one only the splits and
+kinds the analysis reads: no backward where it reads no gradients, no pass where it reads only weights), so the
+analysis of a step is the same whichever way it was captured. With
 checkpointing.learning_dynamics.analysis set, rank 0 hands each capture to the AnalysisRunner
 (megapico/training/analysis_runner.py), which computes pico-analyze's metrics in a background process (on rank 0's
 GPU where it has one: analysis_device); the loop polls it at step ends and logs what it reports at its step N.
@@ -22,12 +23,14 @@ import torch
 import torch.distributed as dist
 
 from megapico.analysis import AnalysisSpec, check_analysis, existing_results, load_analysis
+from megapico.analysis.spec import DATA_TYPES
 from megapico.checkpoint.files import read_checkpoint_file
 from megapico.checkpoint.reshard import gather_master_weights
 from megapico.config import ConfigError, MegapicoConfig
 from megapico.data.indexed_dataset import IndexedDataset
 from megapico.data.pretokenized_dataset import TextDocuments
 from megapico.parallel import ParallelState
+from megapico.training.analysis_runner import AnalysisRunner, read_by
 from megapico.training.analysis_worker import analysis_device, owed_steps
 from megapico.training.learning_dynamics import (
     capture_splits,
@@ -97,6 +100,15 @@ def check_learning_dynamics(config: MegapicoConfig, val_sequences: int, global_b
     return spec
 
 
+def kinds_read(spec: AnalysisSpec) -> dict[str, set[str]]:
+    """{split: the kinds (activations, weights, gradients) the analysis reads of it}, by read_by: what an
+    analysis-only capture takes (a split absent here is not captured; a kind absent, not computed)."""
+    reads: dict[str, set[str]] = {}
+    for split, kind, _ in read_by(spec):
+        reads.setdefault(split, set()).add(kind)
+    return reads
+
+
 class Captures:
     """The loop's captures of one launch (collective calls on every rank) and rank 0's analysis of them."""
 
@@ -112,9 +124,8 @@ class Captures:
                         f"pwcca needs more than d_model={config.model.d_model}")
         self.precision = probe_precision(self.dynamics.precision, run_precision)
         self.run_dir, self.runner = run_dir, None
+        self.reads = kinds_read(spec) if spec is not None else {}
         if self.spec is not None and dist.get_rank() == 0:
-            from megapico.training.analysis_runner import AnalysisRunner  # its worker only when asked
-
             owed = owed_steps(self.spec, run_dir)
             if owed:
                 print(f"analysis {self.spec.analysis_name}: steps {', '.join(map(str, owed))} owe comparative metrics "
@@ -130,14 +141,13 @@ class Captures:
     def capture(self, step: int, consumed: int, checkpoint: Path | None = None) -> None:
         """pico's learning dynamics of `step`, written into `checkpoint`/learning_dynamics/ when given, and handed to
         the analysis. The train split is the batch the next step trains (none past the data's end); the val split is
-        the same every time; an analysis-only capture takes only the splits the analysis reads."""
+        the same every time; an analysis-only capture takes only the splits and kinds the analysis reads."""
         splits = {"val": self.val_sequences}
         upcoming = next_global_batch(self.data.train, consumed, self.data.global_batch)
         if upcoming is not None:
             splits = {"train": upcoming, **splits}
         if checkpoint is None:  # for the analysis alone: a split it does not read is not captured
-            splits = {split: sequences for split, sequences in splits.items()
-                      if split in {metric.data_split for metric in self.spec.metrics}}
+            splits = {split: sequences for split, sequences in splits.items() if split in self.reads}
         engine, dp_group, micro = self.engine, self.parallel.dp_group, self.dynamics.micro_batch_size
         if checkpoint is not None:
             states = save_learning_dynamics(engine.module, fp32_weights(engine), splits,
@@ -145,7 +155,7 @@ class Captures:
                                             self.data.tokenizer, self.precision)
         else:
             states = capture_splits(engine.module, fp32_weights(engine), splits, micro, dp_group, engine.device,
-                                    self.precision)
+                                    self.precision, self.reads)
         if self.runner is not None:
             self.runner.submit(step, states)
 
@@ -161,7 +171,7 @@ class Captures:
         splits = {metric.data_split for metric in self.spec.metrics if (directory / f"{metric.data_split}_weights.pt"
                                                                         ).is_file()}
         self.runner.submit(step, {split: {kind: read_checkpoint_file(directory / f"{split}_{kind}.pt")
-                                          for kind in ("activations", "weights", "gradients")} for split in splits})
+                                          for kind in DATA_TYPES} for split in splits})
 
     def log_results(self, finished: list[tuple[int, dict[str, float]]]) -> None:
         for step, scalars in finished:

@@ -18,7 +18,10 @@ under bf16 autocast: pico-train's one-device bf16-mixed capture) or `bf16` (a bf
 the masters: pico-train's multi-GPU capture in its DeepSpeed bf16 engine). Gradients are summed in fp32 over the
 micro batches in every precision; the bf16 ones take about 1/8 of fp32's time on an A100. Only the captured
 weights ask for gradients, so the backward skips every other weight gradient (the embedding's, the head's,
-q/k_proj's, w_0/w_1's).
+q/k_proj's, w_0/w_1's). A capture computes only the kinds its caller reads (of DATA_TYPES, pico-analyze's; a
+checkpoint: all three): without gradients the micro batches run the layers forward only, under no_grad (no graph,
+no head, no loss, no backward), and weights alone need no pass; each kind's numbers are the same whichever others
+are asked for.
 The capture is split over the DP ranks: the split's sequences go into micro batches of one length (at most
 checkpointing.learning_dynamics.micro_batch_size x the longest sequence in tokens), DP rank r takes micro batches
 r, r + DP, ..., one forward/backward at a time, and copies only the kept rows out of each output. The rows and the
@@ -29,7 +32,7 @@ rank 0 writes `learning_dynamics/{train,val}_{activations,weights,gradients}.pt`
 precision).
 """
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
 
+from megapico.analysis.spec import DATA_TYPES
 from megapico.checkpoint.paths import replacing
 from megapico.data.pretokenized_dataset import length_batches
 from megapico.data.tokenizer import Tokenizer
@@ -88,28 +92,25 @@ def _dp_layout(dp_group: ProcessGroup | None) -> tuple[int, int]:
     return dist.get_rank(dp_group), dist.get_world_size(dp_group)
 
 
-def capture_learning_dynamics(model: PicoDecoder, sequences: Sequence[np.ndarray], micro_batch_size: int,
-                              device: torch.device | None = None, weights: dict[str, torch.Tensor] | None = None,
-                              dp_group: ProcessGroup | None = None, precision: str = "fp32",
-                              ) -> dict[str, dict[str, torch.Tensor]] | None:
-    """{"activations" | "weights" | "gradients": {"layers.{i}.{suffix}": fp32 CPU tensor}} on DP rank 0, None on
-    the others; collective over TP and DP. `sequences`: token arrays of any lengths >= 2 (inputs + the shifted
-    last label). `weights`: this TP rank's fp32 weights to probe (default: the model's own, cast to fp32).
-    `precision`: one of PROBE_PRECISIONS."""
-    dtype, autocast = PROBE_PRECISIONS[precision]
-    probe = build_probe(model, weights if weights is not None else model.state_dict(), device, dtype)
-    tp_group = model.tp_group
-    dp_rank, dp_size = _dp_layout(dp_group)
-    names = [f"layers.{i}.{suffix}" for i in range(model.config.n_layers) for suffix in SUFFIXES]
+def _passes(probe: PicoDecoder, names: list[str], sequences: Sequence[np.ndarray], micro_batch_size: int,
+            device: torch.device | None, dp_group: ProcessGroup | None, autocast: bool, backward: bool,
+            ) -> dict[str, dict[str, torch.Tensor]]:
+    """This DP rank's micro batches of the split through `probe`: {"activations": [sequences, out] rows, filled on
+    the rank that ran each sequence, zero elsewhere} and, with `backward`, {"gradients": the captured weights'
+    gradients of the split's mean token loss, this rank's share}. Without `backward` the micro batches run the
+    layers alone (the hooked modules are all in them) under no_grad: no graph, no head, no loss."""
     modules = dict(probe.named_modules())
-    captured = {modules[name].weight for name in names}
+    tp_group = probe.tp_group
+    dp_rank, dp_size = _dp_layout(dp_group)
+    kept_weights = {modules[name].weight for name in names}
     for parameter in probe.parameters():
-        parameter.requires_grad_(parameter in captured)  # no weight gradient that is not kept
-    # fp32 sums over the micro batches (a bf16 .grad would round at every accumulation)
-    gradients = {name: torch.zeros_like(modules[name].weight, dtype=torch.float32) for name in names}
+        parameter.requires_grad_(backward and parameter in kept_weights)  # no weight gradient that is not kept
     full_width = {name: modules[name].weight.shape[0] * (group_size(tp_group) if name.endswith("v_proj") else 1)
                   for name in names}  # v_proj's output is split over TP ranks; o_proj's and w_2's are reduced
     rows = {name: torch.zeros(len(sequences), full_width[name], device=device) for name in names}
+    captured = {"activations": rows}
+    if backward:  # fp32 sums over the micro batches (a bf16 .grad would round at every accumulation)
+        captured["gradients"] = {name: torch.zeros_like(modules[name].weight, dtype=torch.float32) for name in names}
     lengths = np.array([len(sequence) for sequence in sequences], dtype=np.int64)
     predictions = int((lengths - 1).sum())  # the loss is the mean over every predicted token of the split
     current = [torch.empty(0, dtype=torch.long)]  # indices of the current micro batch's sequences
@@ -129,27 +130,57 @@ def capture_learning_dynamics(model: PicoDecoder, sequences: Sequence[np.ndarray
     for indices in micro_batches[dp_rank::dp_size]:
         tokens = torch.from_numpy(np.stack([sequences[i] for i in indices])).long().to(device)
         current[0] = torch.from_numpy(indices).to(device)
-        with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=autocast), \
+                torch.set_grad_enabled(backward):
+            if not backward:
+                probe.hidden_states(tokens[:, :-1])  # the hooks keep the rows; nothing else is needed
+                continue
             loss = probe(tokens[:, :-1], tokens[:, 1:]) * (tokens[:, 1:].numel() / predictions)
         loss.backward()
         del loss
         for name in names:
             weight = modules[name].weight
-            gradients[name].add_(weight.grad)
+            captured["gradients"][name].add_(weight.grad)
             weight.grad = None
     for handle in handles:
         handle.remove()
-    if dp_size > 1:
+    return captured
+
+
+def capture_learning_dynamics(model: PicoDecoder, sequences: Sequence[np.ndarray], micro_batch_size: int,
+                              device: torch.device | None = None, weights: dict[str, torch.Tensor] | None = None,
+                              dp_group: ProcessGroup | None = None, precision: str = "fp32",
+                              kinds: Collection[str] = DATA_TYPES) -> dict[str, dict[str, torch.Tensor]] | None:
+    """{kind: {"layers.{i}.{suffix}": fp32 CPU tensor}} for each of `kinds` (of DATA_TYPES; default all three,
+    what a checkpoint stores) on DP rank 0, None on the others; collective over TP and DP. `sequences`: token arrays
+    of any lengths >= 2 (inputs + the shifted last label). `weights`: this TP rank's fp32 weights to probe (default:
+    the model's own, cast to fp32). `precision`: one of PROBE_PRECISIONS. Only what `kinds` needs runs: forward
+    only without gradients, no pass for weights alone."""
+    if not set(kinds) <= set(DATA_TYPES):
+        raise ValueError(f"learning-dynamics kinds must be among {', '.join(DATA_TYPES)}, got {sorted(kinds)}")
+    dtype, autocast = PROBE_PRECISIONS[precision]
+    probe = build_probe(model, weights if weights is not None else model.state_dict(), device, dtype)
+    modules = dict(probe.named_modules())
+    names = [f"layers.{i}.{suffix}" for i in range(model.config.n_layers) for suffix in SUFFIXES]
+    captured = {}
+    if {"activations", "gradients"} & set(kinds):
+        captured = _passes(probe, names, sequences, micro_batch_size, device, dp_group, autocast,
+                           backward="gradients" in kinds)
+    captured = {kind: tensors for kind, tensors in captured.items() if kind in kinds}
+    dp_rank, dp_size = _dp_layout(dp_group)
+    if dp_size > 1:  # each row is non-zero on exactly one rank; each gradient is a share of the split's
         root = dist.get_global_rank(dp_group, 0)
-        for tensor in (*rows.values(), *gradients.values()):
+        for tensor in (tensor for tensors in captured.values() for tensor in tensors.values()):
             dist.reduce(tensor, dst=root, group=dp_group)
     if dp_rank != 0:
         return None
-    weights_out = {name: gather_full_tensor(f"{name}.weight", modules[name].weight.detach().float(), tp_group).cpu()
-                   for name in names}
-    gradients = {name: gather_full_tensor(f"{name}.weight", gradients[name], tp_group).cpu() for name in names}
-    return dict(activations={name: kept.cpu() for name, kept in rows.items()}, weights=weights_out,
-                gradients=gradients)
+    tp_group = model.tp_group
+    if "weights" in kinds:
+        captured["weights"] = {name: modules[name].weight.detach().float() for name in names}
+    full = {kind: tensors if kind == "activations" else  # the rows are full already (gathered by the hooks)
+            {name: gather_full_tensor(f"{name}.weight", tensor, tp_group) for name, tensor in tensors.items()}
+            for kind, tensors in captured.items()}
+    return {kind: {name: tensor.cpu() for name, tensor in full[kind].items()} for kind in DATA_TYPES if kind in kinds}
 
 
 def save_train_data(rows: np.ndarray, tokenizer: Tokenizer | None, directory: Path) -> None:
@@ -169,12 +200,14 @@ Dynamics = dict[str, dict[str, dict[str, torch.Tensor]]]  # {split: {kind: {key:
 def capture_splits(model: PicoDecoder, weights: dict[str, torch.Tensor] | None,
                    splits: dict[str, Sequence[np.ndarray]], micro_batch_size: int,
                    dp_group: ProcessGroup | None = None, device: torch.device | None = None,
-                   precision: str = "fp32") -> Dynamics | None:
+                   precision: str = "fp32", kinds: Mapping[str, Collection[str]] | None = None) -> Dynamics | None:
     """Capture every split in `splits` ("train": the next global batch, "val"): {split: capture_learning_dynamics'
-    tensors} on DP rank 0, None on the others; call on every rank. What a checkpoint writes and what an analysis-only
-    capture hands to the analysis are these same tensors."""
+    tensors} on DP rank 0, None on the others; call on every rank. `kinds`: {split: the kinds to capture of it}
+    (default: every kind of every split, what a checkpoint writes). What a checkpoint writes and what an
+    analysis-only capture hands to the analysis are these same tensors."""
     states = {split: capture_learning_dynamics(model, sequences, micro_batch_size, device, weights, dp_group,
-                                               precision) for split, sequences in splits.items()}
+                                               precision, DATA_TYPES if kinds is None else kinds[split])
+              for split, sequences in splits.items()}
     return None if any(tensors is None for tensors in states.values()) else states
 
 
