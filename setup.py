@@ -29,6 +29,11 @@ setup(
         "zstandard>=0.22",
         "psutil>=5.9",
         "matplotlib>=3.8",  # tools/plot_run.py
+        "msgspec>=0.18",  # preprocess: JSON lines parsed keeping only --json-keys (~8x json.loads)
+        "isal>=1.0",  # preprocess: gzip inflated by ISA-L (~3x zlib)
+        "fsspec>=2023.1",  # preprocess --input URLs (s3:// also needs s3fs; hf:// comes with huggingface_hub)
+        # the build as tasks on many machines (megapico/data/build_tasks.py subclasses two of its executors)
+        "datatrove>=0.10.1,<0.11",
     ],
-    extras_require={"test": ["pytest>=8", "ruff>=0.6"]},
+    extras_require={"ray": ["ray>=2.60"], "test": ["pytest>=8", "ruff>=0.6", "ray>=2.60"]},
 )

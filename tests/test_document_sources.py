@@ -334,8 +334,7 @@ def test_preprocessed_sample_traces_back_to_its_line(sample_prefix, tmp_path, ca
     found at its file:line, and the text there holds the document's detokenized tokens."""
     from megapico.data.tokenizer import load_tokenizer
 
-    if not has_document_sources(sample_prefix):
-        pytest.skip("preprocess.py does not write document sources yet")
+    assert has_document_sources(sample_prefix)
     run = make_run(tmp_path, sample_prefix, **{"data.seq_len": 128, "data.split": "969,30,1"})
     first = trace_json(capsys, "--run-dir", str(run), "--sample", "5", "--show-text")["samples"][0]["documents"][0]
     assert first["source"].startswith(str(SAMPLE_DOCUMENTS)) and first["row"] >= 1

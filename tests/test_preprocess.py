@@ -2,6 +2,8 @@
 
 import gzip
 import json
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -12,8 +14,12 @@ from conftest import SAMPLE_DOCUMENTS, TOKENIZER
 from preprocess_data import main as preprocess_main
 from tokenizers import Tokenizer
 
+from megapico.data import preprocess as preprocess_data
+from megapico.data.document_sources import read_document_sources
 from megapico.data.indexed_dataset import IndexedDataset
 from megapico.data.preprocess import PreprocessOptions, preprocess
+from megapico.data.provenance import read_record
+from megapico.data.readers import Chunk, discover_sources, source_identity
 
 EOD = 50279
 
@@ -228,3 +234,132 @@ def test_a_last_line_without_its_newline_is_a_document(tmp_path, reference_ids, 
     (tmp_path / "in.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in documents[:3]))
     assert _run(tmp_path, tmp_path / "in.jsonl") == 0
     _assert_documents(tmp_path / "out_text_document", reference_ids[:3])
+
+
+def _sources_of(prefix):
+    """Every document's (source, row), in order."""
+    sources = read_document_sources(prefix)
+    indices, rows = sources.locate(slice(None))
+    return [(sources.sources[i], int(row)) for i, row in zip(indices, rows, strict=True)]
+
+
+def _same_files(prefix_a, prefix_b):
+    for suffix in (".bin", ".idx", ".sources.bin"):
+        assert Path(f"{prefix_a}{suffix}").read_bytes() == Path(f"{prefix_b}{suffix}").read_bytes(), suffix
+
+
+def test_document_sources_name_each_kept_documents_line(tmp_path):
+    """Blank lines, bad records and empty documents take their line numbers with them: the rows are the lines of the
+    documents written, in order (the fast parser hands the chunk to the line-by-line one here)."""
+    (tmp_path / "in.jsonl").write_bytes(b'{"text": "one"}\n\n{"text": "two"}\n{broken\n{"text": ""}\n'
+                                        b'{"text": "six", "meta": NaN}\n{"text": "seven"}')
+    assert _run(tmp_path, tmp_path / "in.jsonl", "--skip-bad-records") == 0
+    prefix = tmp_path / "out_text_document"
+    assert _sources_of(prefix) == [(str(tmp_path / "in.jsonl"), row) for row in (1, 3, 6, 7)]
+    assert [d.tolist()[-1] for d in IndexedDataset(prefix)] == [EOD] * 4
+
+
+def test_document_sources_of_parquet_rows_and_several_files(tmp_path, documents):
+    pq.write_table(pa.table({"text": [documents[0], "", None, documents[1]]}), tmp_path / "a.parquet")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": documents[2]}) + "\n")
+    assert _run(tmp_path, str(tmp_path / "*.*"), "--skip-bad-records") == 0
+    assert _sources_of(tmp_path / "out_text_document") == [
+        (str(tmp_path / "a.parquet"), 1), (str(tmp_path / "a.parquet"), 4), (str(tmp_path / "b.jsonl"), 1)]
+
+
+def test_workers_that_read_whole_files_write_the_same_bytes(tmp_path, documents):
+    """Four equal files and two workers: each worker builds whole files itself; the output equals one process's."""
+    (tmp_path / "in").mkdir()
+    for index in range(4):
+        lines = [json.dumps({"text": text}) for text in documents[index * 200:(index + 1) * 200]]
+        (tmp_path / "in" / f"{index}.jsonl").write_text("\n".join(lines) + "\n")
+    assert preprocess_data._workers_read_whole_sources(
+        {str(path): path.stat().st_size for path in (tmp_path / "in").iterdir()}, 2)
+    assert _run(tmp_path, tmp_path / "in", "--workers", "2", name="two") == 0
+    assert _run(tmp_path, tmp_path / "in", name="one") == 0
+    _same_files(tmp_path / "two_text_document", tmp_path / "one_text_document")
+    assert _sources_of(tmp_path / "two_text_document")[199:201] == [(str(tmp_path / "in" / "0.jsonl"), 200),
+                                                                    (str(tmp_path / "in" / "1.jsonl"), 1)]
+
+
+@pytest.fixture
+def memory_fs():
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    yield fs
+    fs.rm("/", recursive=True)
+
+
+def test_memory_url_directory_builds_the_same_bytes_as_the_local_path(tmp_path, memory_fs, sample_prefix):
+    for path in sorted(SAMPLE_DOCUMENTS.glob("*.json.gz")):
+        memory_fs.pipe(f"/dolma/documents/{path.name}", path.read_bytes())
+    memory_fs.pipe("/dolma/documents/notes.txt", b"not an input")
+    assert discover_sources("memory://dolma/documents") == [
+        f"memory:///dolma/documents/{path.name}" for path in sorted(SAMPLE_DOCUMENTS.glob("*.json.gz"))]
+    assert _run(tmp_path, "memory://dolma/documents", "--workers", "2") == 0  # read here: workers cannot see it
+    _same_files(tmp_path / "out_text_document", sample_prefix)
+    assert {source for source, _ in _sources_of(tmp_path / "out_text_document")} == set(
+        discover_sources("memory://dolma/documents"))
+
+
+def test_file_url_glob_zst_and_parquet(tmp_path, memory_fs, documents, reference_ids):
+    lines = [json.dumps({"text": t}) for t in documents[:90]]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(
+        ("\n".join(lines[:40]) + "\n").encode()))
+    pq.write_table(pa.table({"text": documents[40:90]}), tmp_path / "in" / "b.parquet")
+    url = f"file://{tmp_path}/in/*"
+    assert discover_sources(url) == [f"file://{tmp_path}/in/a.jsonl.zst", f"file://{tmp_path}/in/b.parquet"]
+    assert _run(tmp_path, url, name="url") == 0
+    _assert_documents(tmp_path / "url_text_document", reference_ids[:90])
+    assert _run(tmp_path, tmp_path / "in", name="local") == 0
+    _same_files(tmp_path / "url_text_document", tmp_path / "local_text_document")
+    assert _sources_of(tmp_path / "url_text_document")[40] == (f"file://{tmp_path}/in/b.parquet", 1)
+    memory_fs.pipe("/p/b.parquet", (tmp_path / "in" / "b.parquet").read_bytes())
+    assert _run(tmp_path, "memory://p/b.parquet", name="memory") == 0
+    _assert_documents(tmp_path / "memory_text_document", reference_ids[40:90])
+
+
+def test_url_errors_name_the_url(tmp_path, capsys, memory_fs):
+    memory_fs.pipe("/bad/in.jsonl", b'{"text": "fine"}\n{"text": "broken\n')
+    memory_fs.pipe("/gz/in.json.gz", b"this is not gzip")
+    assert _run(tmp_path, "memory://bad/in.jsonl") == 1
+    assert "error: memory://bad/in.jsonl:2: malformed JSON" in capsys.readouterr().err
+    assert _run(tmp_path, "memory://gz") == 1
+    assert "error: memory:///gz/in.json.gz: unreadable (" in capsys.readouterr().err
+    assert _run(tmp_path, "memory://nothing/here/*.jsonl") == 1
+    assert "error: memory://nothing/here/*.jsonl: no input found" in capsys.readouterr().err
+    assert not list(tmp_path.glob("out_text_document*"))  # nothing final (out.parts/ stays, to resume)
+
+
+def test_url_identity_changes_with_the_file(memory_fs):
+    memory_fs.pipe("/x/a.jsonl", b'{"text": "a"}\n')
+    before = source_identity("memory://x/a.jsonl")
+    assert before[:2] == ["memory://x/a.jsonl", 14] and len(before) == 3  # URL, size, created
+    memory_fs.pipe("/x/a.jsonl", b'{"text": "ab"}\n')
+    assert source_identity("memory://x/a.jsonl")[1] == 15
+
+
+@pytest.mark.parametrize("content", [b"", b'{"text": ""}\n'])
+def test_allow_no_documents_writes_empty_outputs(tmp_path, content):
+    (tmp_path / "in.jsonl").write_bytes(content)
+    summary = preprocess(PreprocessOptions(input=str(tmp_path / "in.jsonl"), output_prefix=str(tmp_path / "out"),
+                                           tokenizer_model=str(TOKENIZER), append_eod=True, allow_no_documents=True))
+    prefix = tmp_path / "out_text_document"
+    assert summary["documents"] == 0 and len(IndexedDataset(prefix)) == 0
+    assert read_record(prefix)["max_token_id"] == -1 and _sources_of(prefix) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["in.jsonl", *(f"out_text_document{s}" for s in (".bin", ".idx", ".megapico.json", ".sources.bin",
+                                                          ".sources.json"))])
+
+
+def test_fast_and_line_by_line_parsers_agree(documents):
+    """msgspec's one call per chunk and json's line by line give the same texts and rows on the same lines."""
+    lines = b"".join(json.dumps({"id": i, "text": t, "metadata": {"n": [i]}}).encode() + b"\n"
+                     for i, t in enumerate(documents[:500]))
+    chunk = Chunk("x.jsonl", 7, len(lines), lines=lines)
+    fast = preprocess_data._parse_lines_fast(chunk, ["text"], 1 << 20)
+    slow = preprocess_data._parse_lines(Chunk("x.jsonl", 7, 0, lines=lines + b"\n"), ["text"], Counter(), 1 << 20)
+    assert fast[0] == slow[0] == {"text": documents[:500]}
+    assert fast[1].tolist() == slow[1].tolist() == list(range(7, 507))

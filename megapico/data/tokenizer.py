@@ -55,8 +55,9 @@ def _sha256_of(canonical: object) -> str:
 
 
 def _flatten(id_lists: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Flat int32 ids (every vocabulary's ids fit; half the bytes of int64 to hand between processes) + lengths."""
     lengths = np.fromiter((len(ids) for ids in id_lists), dtype=np.int64, count=len(id_lists))
-    flat = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int64, count=int(lengths.sum()))
+    flat = np.fromiter(itertools.chain.from_iterable(id_lists), dtype=np.int32, count=int(lengths.sum()))
     return flat, lengths
 
 

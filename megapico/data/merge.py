@@ -1,0 +1,31 @@
+"""Merge prefixes into one: the .bin/.idx, the data record (.megapico.json) and the per-document sources, each the
+bytes that one write of the same documents gives, so merged parts (preprocess.py's per-file parts, the tasks of a
+build on many machines, tools/merge_datasets.py) equal a single build byte for byte.
+
+Old files under the output's names (its record, its document sources) are removed before anything is written: a
+record or a sources file must never describe data it was not written with. The record comes last, so an output
+with a record is complete.
+"""
+
+from pathlib import Path
+
+from megapico.data.document_sources import document_sources_paths, has_document_sources, merge_document_sources
+from megapico.data.indexed_dataset import IndexedDataset, merge_datasets
+from megapico.data.provenance import merged_record, remove_record, write_record
+
+
+def merge_prefixes(prefixes: list[str | Path], output_prefix: str | Path, workers: int = 1) -> IndexedDataset:
+    """Concatenate `prefixes` in the order given into `output_prefix`, copying the .bin files with `workers`
+    threads. The merged record is written when every prefix has one (two tokenizers are refused before anything is
+    written), the document sources when every prefix has them."""
+    record = merged_record(prefixes)
+    with_sources = all(has_document_sources(prefix) for prefix in prefixes)
+    remove_record(output_prefix)
+    for path in document_sources_paths(output_prefix):
+        path.unlink(missing_ok=True)
+    merged = merge_datasets(prefixes, output_prefix, workers)
+    if with_sources:
+        merge_document_sources(prefixes, output_prefix)
+    if record is not None:
+        write_record(output_prefix, record)
+    return merged
