@@ -6,7 +6,8 @@
 #   4. resume the same run at TP=2 (the checkpoint is re-sharded) to step 40, with evaluation
 #   5. convert every checkpoint (steps 0, 20, 40) into a pico run directory: verified HF checkpoints +
 #      learning dynamics, readable by pico-analyze (--run_path runs/pico/cpu-demo) and transformers; draw the
-#      run's metrics (runs/cpu-demo/metrics.png) and sample a few tokens from the last checkpoint
+#      run's metrics (runs/cpu-demo/metrics.png), sample a few tokens from the last checkpoint, and trace a
+#      training sample back to the source documents (file:line) it was cut from
 # Outputs: runs/cpu-demo/ (config.yaml, checkpoints/, eval_results/, wandb/ offline logs), runs/pico/cpu-demo/.
 # Each run starts fresh: it removes the outputs of an earlier demo run (runs/cpu-demo*, runs/pico/cpu-demo).
 #   bash examples/cpu_demo.sh                       # each launch's rendezvous port: a free one, picked by the OS
@@ -72,6 +73,8 @@ echo "== 4/4 convert every checkpoint into a pico run directory (HF checkpoints 
 .venv/bin/python tools/plot_run.py runs/cpu-demo
 .venv/bin/python tools/generate.py --checkpoint runs/cpu-demo/checkpoints/latest --prompt "The history of" \
     --max-new-tokens 16
+echo "-- where step 40's first training sample (624 = 39 x 16) came from; --step 40 lists the whole batch (each document's file:line in the sample)"
+.venv/bin/python tools/trace_data.py --run-dir runs/cpu-demo --sample 624
 
 echo "== done"
 echo "eval at step 40: $(cat runs/cpu-demo/eval_results/step_40.json)"
