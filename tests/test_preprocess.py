@@ -14,6 +14,7 @@ from conftest import SAMPLE_DOCUMENTS, TOKENIZER
 from preprocess_data import main as preprocess_main
 from tokenizers import Tokenizer
 
+from megapico.data import encode_chunk
 from megapico.data import preprocess as preprocess_data
 from megapico.data.document_sources import read_document_sources
 from megapico.data.indexed_dataset import IndexedDataset
@@ -359,7 +360,7 @@ def test_fast_and_line_by_line_parsers_agree(documents):
     lines = b"".join(json.dumps({"id": i, "text": t, "metadata": {"n": [i]}}).encode() + b"\n"
                      for i, t in enumerate(documents[:500]))
     chunk = Chunk("x.jsonl", 7, len(lines), lines=lines)
-    fast = preprocess_data._parse_lines_fast(chunk, ["text"], 1 << 20)
-    slow = preprocess_data._parse_lines(Chunk("x.jsonl", 7, 0, lines=lines + b"\n"), ["text"], Counter(), 1 << 20)
+    fast = encode_chunk._parse_lines_fast(chunk, ["text"], 1 << 20)
+    slow = encode_chunk._parse_lines(Chunk("x.jsonl", 7, 0, lines=lines + b"\n"), ["text"], Counter(), 1 << 20)
     assert fast[0] == slow[0] == {"text": documents[:500]}
     assert fast[1].tolist() == slow[1].tolist() == list(range(7, 507))

@@ -183,7 +183,7 @@ def _json_chunks(path: str, max_line_bytes: int) -> Iterator[Chunk]:
     line being read is kept as a list of pieces, joined once when it ends, never re-concatenated per read (which made
     one 1 GiB line quadratic), and only up to max_line_bytes: a longer line is read on and let go, a Chunk with
     `dropped` standing for it, so memory stays flat whatever one line's length. (Lines that end within a chunk are
-    measured exactly by the worker, preprocess._parse_lines.)"""
+    measured exactly by the worker, encode_chunk._parse_lines.)"""
     raw, stream = _open_json_stream(path)
     with raw:
         pieces: list[bytes] = []  # the start of the line being read; no newline among them
