@@ -111,6 +111,56 @@ def test_a_task_killed_half_way_is_not_taken_and_the_relaunch_runs_only_the_rest
     assert _outputs(tasks) == _single_machine(documents, tmp_path / "single")
 
 
+@pytest.mark.parametrize("merge_tasks", [2, 3])
+def test_merge_tasks_write_the_single_machine_bytes(documents, tmp_path, capsys, merge_tasks):
+    tasks = tmp_path / "tasks"
+    assert main(["--input", str(documents), "--output-prefix", str(tasks), *BUILD, "--executor", "local",
+                 "--tasks-in-parallel", "2", "--merge-tasks", str(merge_tasks)]) == 0
+    assert _outputs(tasks) == _single_machine(documents, tmp_path / "single")
+    copies = tmp_path / "tasks.tasks" / "copy"
+    assert len(list((copies / "executor" / "logs").glob("task_*.log"))) == merge_tasks
+    assert not (copies / "done").exists()  # the records went with the temporary .bin they describe
+
+
+KILL_BEFORE_COPY_RECORD = """
+import os, signal, sys
+import megapico.data.build_tasks as build_tasks
+real = build_tasks._write_atomically
+def write(path, text):  # merge task 1 has copied its range, its record is not written yet: the worst moment to die
+    if path.match("copy/done/00001.json"):
+        os.killpg(0, signal.SIGKILL)
+    real(path, text)
+build_tasks._write_atomically = write
+sys.path.insert(0, sys.argv[1])
+from preprocess_data import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_merge_task_killed_is_refused_and_the_relaunch_copies_only_the_rest(documents, tmp_path, capsys):
+    tasks = tmp_path / "tasks"
+    command = ["--input", str(documents), "--output-prefix", str(tasks), *BUILD, "--executor", "local",
+               "--tasks-in-parallel", "1", "--merge-tasks", "3"]  # one at a time, in this process
+    killed = subprocess.run([sys.executable, "-c", KILL_BEFORE_COPY_RECORD, str(REPO / "tools"), *command],
+                            capture_output=True, text=True, start_new_session=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert (tmp_path / "tasks_text_document.bin.merging").is_file()
+    assert main(["--input", str(documents), "--output-prefix", str(tasks), *BUILD, "--merge-only",
+                 "--merge-tasks", "3"]) == 1
+    error = capsys.readouterr().err
+    assert "copy: merge tasks 1, 2 of 3 have not copied their part; nothing merged; relaunch" in error
+    assert sorted(path.name for path in tmp_path.glob("tasks_text*")) == ["tasks_text_document.bin.merging"]
+    done = tmp_path / "tasks.tasks" / "copy" / "done"
+    assert [path.name for path in done.iterdir()] == ["00000.json"]
+    assert main(command) == 0
+    assert "tasks: 0 of 5 to run (5 complete)" in capsys.readouterr().out
+    logs = tmp_path / "tasks.tasks" / "copy" / "executor" / "logs"
+    assert "copied already" in (logs / "task_00000.log").read_text()
+    assert "copied tasks" in (logs / "task_00001.log").read_text()  # killed before it could say so the first time
+    assert _outputs(tasks) == _single_machine(documents, tmp_path / "single")
+    assert not (tmp_path / "tasks_text_document.bin.merging").exists()
+
+
 def test_a_bad_record_fails_its_task_only_and_skip_bad_records_goes_on(documents, tmp_path, capsys):
     bad = documents / "part-4.jsonl"
     lines = bad.read_bytes().splitlines(keepends=True)
@@ -169,7 +219,7 @@ def test_a_local_ray_cluster_writes_the_single_machine_bytes(documents, tmp_path
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         assert main(["--input", str(documents), "--output-prefix", str(tmp_path / "tasks"), *BUILD,
-                     "--executor", "ray", "--mem-per-cpu-gb", "0.25"]) == 0
+                     "--executor", "ray", "--mem-per-cpu-gb", "0.25", "--merge-tasks", "2"]) == 0
     finally:
         ray.shutdown()
     assert "tasks: 5 of 5 to run (0 complete) on ray" in capsys.readouterr().out
@@ -188,12 +238,13 @@ def _slurm_cluster_up():
 
 @pytest.mark.skipif(not _slurm_cluster_up(), reason="no idle SLURM cluster reachable from here "
                                                     "(scripts/ci_launchers.sh sets one up as root)")
-def test_a_slurm_job_array_writes_the_single_machine_bytes(documents, tmp_path, capsys):
+@pytest.mark.parametrize("merge_tasks", ["1", "2"])
+def test_a_slurm_job_array_writes_the_single_machine_bytes(documents, tmp_path, capsys, merge_tasks):
     expected = _single_machine(documents, tmp_path / "single")
     partition = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True).stdout.split()[0]
     assert main(["--input", str(documents), "--output-prefix", str(tmp_path / "tasks"), *BUILD, "--executor", "slurm",
                  "--slurm-partition", partition.rstrip("*"), "--slurm-time", "00:10:00", "--cpus-per-task", "1",
-                 "--mem-per-cpu-gb", "0"]) == 0
+                 "--mem-per-cpu-gb", "0", "--merge-tasks", merge_tasks]) == 0
     merge_job = re.search(r"the merge as job (\d+)", capsys.readouterr().out).group(1)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and subprocess.run(["squeue", "-h", "-j", merge_job], capture_output=True,

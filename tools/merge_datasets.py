@@ -1,6 +1,6 @@
 """Merge every .bin/.idx pair in a directory into one prefix (Megatron-LM's tools/merge_datasets.py flags).
 
-    python tools/merge_datasets.py --input DIR --output-prefix OUT [--workers N]
+    python tools/merge_datasets.py --input DIR --output-prefix OUT --workers 4   # --workers: copy threads (default 1)
 Pairs are taken in sorted name order; all must share one token dtype. When every pair has its preprocessing record
 (PREFIX.megapico.json), all must come from one tokenizer, and OUT gets the merged record; when every pair has its
 document sources (PREFIX.sources.json/.bin), OUT gets theirs merged.

@@ -13,6 +13,7 @@ then merged into the same bytes (docs/data.md#dolma-on-many-machines). Add to th
     --executor local --tasks-in-parallel 8                      # here: 8 files at once, then the merge
     --executor slurm --slurm-partition P --slurm-time 12:00:00 --workers 76   # a job array + a merge job after it
     --executor ray                                              # on the Ray cluster RAY_ADDRESS (or ray start) names
+    --merge-tasks 16                                            # the .bin copied into place by 16 tasks at once
     --merge-only                                                # the merge alone, of a finished set of tasks
 A relaunch of the same command runs only the tasks not complete; the merge refuses an incomplete set, naming them.
 """
@@ -63,7 +64,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="run the tasks here (local), as a SLURM job array (slurm) or on a Ray cluster (ray), then "
                             "merge; a relaunch runs only the tasks not complete")
     group.add_argument("--merge-only", action="store_true",
-                       help="only merge the finished tasks of an earlier --executor launch of this command")
+                       help="only merge the finished tasks of an earlier --executor launch of this command (with "
+                            "--merge-tasks M > 1: only the merge step, after its M merge tasks copied)")
+    group.add_argument("--merge-tasks", type=int, default=1,
+                       help="processes (SLURM: array tasks) of the same executor that copy the .bin into place, each a "
+                            "contiguous range of tasks at its offset (default 1: the merge alone copies, with "
+                            "--workers threads)")
     group.add_argument("--tasks-in-parallel", type=int,
                        help="tasks at once (default: local, cores // --workers; SLURM and Ray, all)")
     group.add_argument("--cpus-per-task", type=int, help="cores each SLURM or Ray task reserves (default: --workers)")
@@ -80,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_document_bytes < 1:
         print(f"error: --max-document-bytes must be positive, got {args.max_document_bytes}", file=sys.stderr)
         return 1
-    for flag in ("tasks_in_parallel", "cpus_per_task"):
+    for flag in ("tasks_in_parallel", "cpus_per_task", "merge_tasks"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             print(f"error: --{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}", file=sys.stderr)
             return 1
@@ -111,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _many_machines(args: argparse.Namespace, options: PreprocessOptions) -> int:
     how = ExecutorOptions(args.executor, args.tasks_in_parallel, args.cpus_per_task, args.mem_per_cpu_gb,
-                          args.slurm_partition, args.slurm_time, args.slurm_qos)
+                          args.slurm_partition, args.slurm_time, args.slurm_qos, args.merge_tasks)
     try:
-        summary = merge_tasks(options, options.workers) if args.merge_only else launch(options, how)
+        summary = merge_tasks(options, options.workers, args.merge_tasks) if args.merge_only else launch(options, how)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

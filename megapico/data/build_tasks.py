@@ -14,15 +14,21 @@ keeps their logs and skips, on a relaunch, the ones it saw finish. Everything li
     executor/             datatrove's logging_dir for the tasks: logs/task_NNNNN.log, completions/, stats/ (SLURM:
                           slurm_logs/, the launch script)
     merge/                the same for the SLURM merge job
+    copy/                 with --merge-tasks M > 1: done/RRRRR.json, merge task R's completion record (the merge
+                          plan's digest, the inode of the .bin it copied into), and executor/, their datatrove logs;
+                          the .bin being copied is `{output}.bin.merging` beside the output, renamed into place last
 
 The completion record is what counts. A task starts by removing its earlier try's files, so a try killed half-way
 leaves no record, and the merge takes a task as complete only when its record matches the files beside it.
 datatrove's own markers (executor/completions/NNNNN) only let a relaunch skip a task: before launching, the marker of
 every task without a matching record is removed, so that task runs again. The merge is tools/merge_datasets.py's
 (merge.merge_prefixes, tasks in plan order), and refuses an incomplete set in one line naming the missing tasks.
+With M merge tasks the .bin copy runs on the same executor, each a contiguous range of tasks copied at its offset
+(run_merge_task), and the merge step writes the rest and renames the .bin into place (merge_tasks).
 """
 
 import functools
+import hashlib
 import json
 import os
 import shutil
@@ -33,11 +39,12 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 from datatrove.executor import LocalPipelineExecutor, RayPipelineExecutor, SlurmPipelineExecutor
 from datatrove.utils.logging import logger
 from datatrove.utils.stats import PipelineStats
 
-from megapico.data.indexed_dataset import DataError, data_file_paths
+from megapico.data.indexed_dataset import DataError, copy_bins, data_file_paths
 from megapico.data.merge import merge_prefixes
 from megapico.data.preprocess import PreprocessOptions, output_prefix_for, preprocess
 from megapico.data.readers import discover_sources, source_identity
@@ -60,6 +67,7 @@ class ExecutorOptions:
     slurm_partition: str | None = None
     slurm_time: str | None = None  # the array's time limit per task, e.g. 12:00:00
     slurm_qos: str | None = None  # none given: the account's default
+    merge_tasks: int = 1  # processes (SLURM: array tasks) that copy the .bin into place; 1: the merge alone does
 
 
 def tasks_dir(output_prefix: str) -> Path:
@@ -223,9 +231,9 @@ def incomplete_tasks(plan: dict, tasks: Path) -> dict[int, str]:
 
 
 # ---- the merge -------------------------------------------------------------------------------------------------
-def merge_tasks(options: PreprocessOptions, workers: int = 1) -> dict:
-    """Merge the complete set of tasks into `{output_prefix}_{key}_document.*`, the bytes one single-machine build
-    of the same input writes; an incomplete set is refused, naming the missing tasks. Returns the build's summary."""
+def _finished_records(options: PreprocessOptions) -> list[dict]:
+    """The completion records of every task, in plan order; an incomplete set, or one without a document, is
+    refused in one line naming the missing tasks."""
     tasks = tasks_dir(options.output_prefix)
     plan = _checked_plan(options, os.getcwd(), write=False)
     incomplete = incomplete_tasks(plan, tasks)
@@ -237,18 +245,114 @@ def merge_tasks(options: PreprocessOptions, workers: int = 1) -> dict:
                         f"nothing merged; relaunch the same command to run only these (logs: "
                         f"{tasks / 'executor' / 'logs'})")
     records = [json.loads(_record_path(tasks, index).read_text()) for index in range(len(plan["sources"]))]
-    skipped = sum((Counter(record["skipped"]) for record in records), Counter())
     if not sum(record["documents"] for record in records):
         read = sum(record["documents_read"] for record in records)
-        reasons = ", ".join(f"{reason}: {count:,}" for reason, count in sorted(skipped.items())) or "none"
+        reasons = ", ".join(f"{reason}: {count:,}" for reason, count in sorted(_skipped(records).items())) or "none"
         raise DataError(f"{options.input}: no documents in any of the {len(records)} files ({read:,} read; skipped "
                         f"{reasons}); nothing merged")
+    return records
+
+
+def _skipped(records: list[dict]) -> Counter:
+    return sum((Counter(record["skipped"]) for record in records), Counter())
+
+
+def _task_prefixes(options: PreprocessOptions, key: str) -> list[str]:
+    tasks = tasks_dir(options.output_prefix)
+    count = len(json.loads((tasks / "plan.json").read_text())["sources"])
+    return [output_prefix_for(str(_task_prefix(tasks, index)), key) for index in range(count)]
+
+
+def _copied_bin(options: PreprocessOptions, key: str) -> Path:
+    """The temporary .bin the merge tasks copy into; the final step renames it into place."""
+    return Path(f"{output_prefix_for(options.output_prefix, key)}.bin.merging")
+
+
+def _copy_record_path(tasks: Path, rank: int) -> Path:
+    return tasks / "copy" / "done" / f"{rank:05d}.json"
+
+
+def _copy_plan(options: PreprocessOptions, records: list[dict], merge_count: int) -> dict:
+    """Merge task r copies tasks bounds[r]..bounds[r+1] (contiguous, about the same bytes each) of every key into
+    the temporary .bin at their offset. The plan holds the tasks' recorded outputs (sizes and mtimes), so a task
+    run again since makes every copy record of the old plan stale; `digest` names the plan in the records."""
+    sizes = {key: [Path(f"{prefix}.bin").stat().st_size for prefix in _task_prefixes(options, key)]
+             for key in options.json_keys}
+    cumulative = np.cumsum([sum(per_task) for per_task in zip(*sizes.values(), strict=True)])
+    bounds = [0, *(int(np.searchsorted(cumulative, cumulative[-1] * rank / merge_count))
+                   for rank in range(1, merge_count)), len(records)]
+    plan = {"merge_tasks": merge_count, "bounds": bounds, "outputs": [record["outputs"] for record in records]}
+    return {**plan, "sizes": sizes, "digest": hashlib.sha256(json.dumps(plan).encode()).hexdigest()}
+
+
+def _copy_record(options: PreprocessOptions, plan: dict, rank: int) -> dict:
+    """What merge task `rank`'s record holds: its plan, and the temporary .bin files (by inode) it copied into."""
+    return {"format": RECORD_FORMAT, "merge_task": rank, "plan": plan["digest"],
+            "bins": {key: _copied_bin(options, key).stat().st_ino if _copied_bin(options, key).is_file() else None
+                     for key in options.json_keys}}
+
+
+def _copied(options: PreprocessOptions, plan: dict, rank: int) -> bool:
+    path = _copy_record_path(tasks_dir(options.output_prefix), rank)
+    try:
+        return json.loads(path.read_text()) == _copy_record(options, plan, rank)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
+def run_merge_task(options: PreprocessOptions, rank: int, merge_count: int) -> None:
+    """Merge task `rank` of `merge_count`: copy its range of the tasks' .bin files into the temporary .bin of each
+    key, at their offsets, then write its completion record. Every merge task opens the temporary .bin without
+    truncating it and sizes it to the whole (the same size from each, so nobody's bytes are lost); a merge task
+    whose record is current has nothing to do, so a relaunch copies only the ranges without one."""
+    plan = _copy_plan(options, _finished_records(options), merge_count)
+    if _copied(options, plan, rank):
+        logger.info(f"merge task {rank}: copied already")
+        return
+    _copy_record_path(tasks_dir(options.output_prefix), rank).unlink(missing_ok=True)
+    first, stop = plan["bounds"][rank], plan["bounds"][rank + 1]
+    for key in options.json_keys:
+        descriptor = os.open(_copied_bin(options, key), os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.ftruncate(descriptor, sum(plan["sizes"][key]))
+            paths = [Path(f"{prefix}.bin") for prefix in _task_prefixes(options, key)[first:stop]]
+            copy_bins(paths, descriptor, sum(plan["sizes"][key][:first]), options.workers)
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    _write_atomically(_copy_record_path(tasks_dir(options.output_prefix), rank),
+                      json.dumps(_copy_record(options, plan, rank)) + "\n")
+    logger.info(f"merge task {rank}: copied tasks {first} to {stop - 1}")
+
+
+def merge_tasks(options: PreprocessOptions, workers: int = 1, merge_count: int = 1) -> dict:
+    """Merge the complete set of tasks into `{output_prefix}_{key}_document.*`, the bytes one single-machine build
+    of the same input writes; an incomplete set is refused, naming the missing tasks. With one merge task the .bin
+    files are copied here by `workers` threads; with more, run_merge_task copied them (any missing is refused,
+    naming it) and this writes the index, the record and the document sources, then renames the .bin into place.
+    Returns the build's summary."""
+    records = _finished_records(options)
     outputs = [output_prefix_for(options.output_prefix, key) for key in options.json_keys]
-    for key, output in zip(options.json_keys, outputs, strict=True):
-        merge_prefixes([output_prefix_for(str(_task_prefix(tasks, index)), key) for index in range(len(records))],
-                       output, workers)
+    if merge_count == 1:
+        for key, output in zip(options.json_keys, outputs, strict=True):
+            merge_prefixes(_task_prefixes(options, key), output, workers)
+    else:
+        plan = _copy_plan(options, records, merge_count)
+        missing = [rank for rank in range(merge_count) if not _copied(options, plan, rank)]
+        copies = tasks_dir(options.output_prefix) / "copy"
+        if missing:
+            raise DataError(f"{copies}: merge tasks {', '.join(map(str, missing))} of {merge_count} have not copied "
+                            f"their part; nothing merged; relaunch the same command to run only these (logs: "
+                            f"{copies / 'executor' / 'logs'})")
+        try:
+            for key, output in zip(options.json_keys, outputs, strict=True):
+                merge_prefixes(_task_prefixes(options, key), output, copied_bin=_copied_bin(options, key))
+        finally:  # a renamed (or, on failure, removed) temporary .bin leaves no copy record standing
+            if not all(_copied_bin(options, key).is_file() for key in options.json_keys):
+                shutil.rmtree(copies / "done", ignore_errors=True)
     return {"tasks": len(records), "documents": sum(record["documents"] for record in records),
-            "tokens": sum(record["tokens"] for record in records), "skipped": dict(skipped), "outputs": outputs}
+            "tokens": sum(record["tokens"] for record in records), "skipped": dict(_skipped(records)),
+            "outputs": outputs}
 
 
 # ---- executors -------------------------------------------------------------------------------------------------
@@ -259,10 +363,17 @@ def _task_step(options: PreprocessOptions, directory: str, data: object, rank: i
     run_task(options, rank)
 
 
-def _merge_step(options: PreprocessOptions, directory: str, data: object, rank: int, world_size: int) -> None:
+def _copy_step(options: PreprocessOptions, directory: str, data: object, rank: int, world_size: int) -> None:
+    """A datatrove pipeline step: merge task `rank` of `world_size`."""
+    os.chdir(directory)
+    run_merge_task(options, rank, world_size)
+
+
+def _merge_step(options: PreprocessOptions, directory: str, merge_count: int, data: object, rank: int,
+                world_size: int) -> None:
     """The SLURM merge job's pipeline step."""
     os.chdir(directory)
-    summary = merge_tasks(options, options.workers)
+    summary = merge_tasks(options, options.workers, merge_count)
     logger.info(f"merged {summary['tasks']} tasks: {summary['documents']:,} documents, {summary['tokens']:,} tokens "
                 f"-> {', '.join(summary['outputs'])}")
 
@@ -290,7 +401,8 @@ class _SlurmExecutor(SlurmPipelineExecutor):
 
 
 def _slurm_jobs(options: PreprocessOptions, how: ExecutorOptions, directory: str, count: int) -> tuple[str, str]:
-    """Queue the array of tasks and the merge job after it (afterany: a merge over a failed task names it)."""
+    """Queue the array of tasks, the array of merge tasks after it where how.merge_tasks > 1, and the merge job
+    last (each afterany: a merge over a failed task names it); the ids of the first and the last."""
     tasks = tasks_dir(options.output_prefix).resolve()
     activate = Path(sys.prefix) / "bin" / "activate"
     common = dict(time=how.slurm_time, partition=how.slurm_partition, qos=how.slurm_qos,
@@ -301,21 +413,28 @@ def _slurm_jobs(options: PreprocessOptions, how: ExecutorOptions, directory: str
     array = _SlurmExecutor([functools.partial(_task_step, options, directory)], tasks=count,
                            workers=how.tasks_in_parallel or -1, job_name=f"megapico-tasks-{name}",
                            logging_dir=str(tasks / "executor"), **common)
-    merge = _SlurmExecutor([functools.partial(_merge_step, options, directory)], tasks=1, depends=array,
-                           run_on_dependency_fail=True, skip_completed=False, job_name=f"megapico-merge-{name}",
-                           logging_dir=str(tasks / "merge"), **common)
+    before_merge = array
+    if how.merge_tasks > 1:  # the copy array, after the tasks however they end (a copy over a failed one names it)
+        before_merge = _SlurmExecutor([functools.partial(_copy_step, options, directory)], tasks=how.merge_tasks,
+                                      depends=array, run_on_dependency_fail=True, skip_completed=False,
+                                      job_name=f"megapico-copy-{name}", logging_dir=str(tasks / "copy" / "executor"),
+                                      **common)
+    merge = _SlurmExecutor([functools.partial(_merge_step, options, directory, how.merge_tasks)], tasks=1,
+                           depends=before_merge, run_on_dependency_fail=True, skip_completed=False,
+                           job_name=f"megapico-merge-{name}", logging_dir=str(tasks / "merge"), **common)
     try:
         merge.run()
     except subprocess.CalledProcessError as err:
         raise DataError(f"sbatch refused the job ({err}; its message is above); the script is "
                         f"{tasks / 'executor' / 'launch_script.slurm'}") from None
-    return str(merge.depends_job_id or "none: every task is complete"), str(merge.job_id)
+    return str(array.job_id if array.job_id not in (None, -1) else "none: every task is complete"), str(merge.job_id)
 
 
 def launch(options: PreprocessOptions, how: ExecutorOptions) -> dict:
-    """Plan the build (or check it against its plan), run its incomplete tasks with `how.executor`, then merge.
-    Locally and on Ray this returns merge_tasks' summary; on SLURM it returns once the array and the merge job are
-    queued ({"array_job", "merge_job"})."""
+    """Plan the build (or check it against its plan), run its incomplete tasks with `how.executor`, then merge:
+    how.merge_tasks merge tasks on the same executor copy the .bin into place where that is more than one. Locally
+    and on Ray this returns merge_tasks' summary; on SLURM it returns once the jobs are queued ({"array_job",
+    "merge_job"})."""
     directory = os.getcwd()
     plan = _checked_plan(options, directory, write=True)
     tasks = tasks_dir(options.output_prefix)
@@ -328,17 +447,29 @@ def launch(options: PreprocessOptions, how: ExecutorOptions) -> dict:
     if how.executor == "slurm":
         array_job, merge_job = _slurm_jobs(options, how, directory, count)
         return {"array_job": array_job, "merge_job": merge_job}
-    pipeline = [functools.partial(_task_step, options, directory)]
-    if how.executor == "local":
-        parallel = how.tasks_in_parallel or max(1, (os.cpu_count() or 1) // options.workers)
-        _LocalExecutor(pipeline, tasks=count, workers=parallel, logging_dir=str(tasks.resolve() / "executor")).run()
-    else:
-        import ray  # the `ray` extra: pip install -e .[ray]
+    _run_here_or_on_ray(how, options, functools.partial(_task_step, options, directory), count, tasks / "executor",
+                        how.tasks_in_parallel or max(1, (os.cpu_count() or 1) // options.workers))
+    if how.merge_tasks > 1:
+        _finished_records(options)  # an incomplete set is refused here, not in each merge task
+        _run_here_or_on_ray(how, options, functools.partial(_copy_step, options, directory), how.merge_tasks,
+                            tasks / "copy" / "executor", how.tasks_in_parallel or how.merge_tasks, skip_completed=False)
+    return merge_tasks(options, options.workers, how.merge_tasks)
 
-        if not ray.is_initialized():
-            ray.init()  # RAY_ADDRESS, else the cluster `ray start` began on this machine, else a new local one
-        RayPipelineExecutor(pipeline, tasks=count, workers=how.tasks_in_parallel or -1,
-                            logging_dir=str(tasks.resolve() / "executor"),
-                            cpus_per_task=how.cpus_per_task or options.workers,
-                            mem_per_cpu_gb=how.mem_per_cpu_gb).run()
-    return merge_tasks(options, options.workers)
+
+def _run_here_or_on_ray(how: ExecutorOptions, options: PreprocessOptions, step: functools.partial, count: int,
+                        logging_dir: Path, local_parallel: int, skip_completed: bool = True) -> None:
+    """Run `count` ranks of `step` with datatrove's local executor (`local_parallel` at once) or on Ray (as many at
+    once as how.tasks_in_parallel, else all). Merge tasks skip themselves where their record is current, so they
+    run without datatrove's skipping of completed ranks."""
+    if how.executor == "local":
+        _LocalExecutor([step], tasks=count, workers=local_parallel, logging_dir=str(logging_dir.resolve()),
+                       skip_completed=skip_completed).run()
+        return
+    import ray  # the `ray` extra: pip install -e .[ray]
+
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS, else the cluster `ray start` began on this machine, else a new local one
+    RayPipelineExecutor([step], tasks=count, workers=how.tasks_in_parallel or -1,
+                        logging_dir=str(logging_dir.resolve()), skip_completed=skip_completed,
+                        cpus_per_task=how.cpus_per_task or options.workers,
+                        mem_per_cpu_gb=how.mem_per_cpu_gb).run()

@@ -102,24 +102,40 @@ class IndexedDatasetWriter:
 
     def append_datasets(self, datasets: list["IndexedDataset"], workers: int = 1) -> None:
         """Append every document of existing datasets, in order (used to merge prefixes). Their .bin files are
-        copied into place by `workers` threads at once (no more than the cores: a copy from the page cache is CPU
-        work), each range by the kernel (_copy_block), not through Python."""
+        copied into place by copy_bins."""
+        self._check_dtypes(datasets)
+        self._bin.flush()
+        start = self._bin.tell()
+        end = start + sum(dataset.bin_path.stat().st_size for dataset in datasets)
+        os.ftruncate(self._bin.fileno(), end)
+        copy_bins([dataset.bin_path for dataset in datasets], self._bin.fileno(), start, workers)
+        self._bin.seek(end)
+        self._append_lengths(datasets)
+
+    def adopt_bin(self, path: Path, datasets: list["IndexedDataset"]) -> None:
+        """Take `path`, a temporary .bin that already holds exactly the tokens of `datasets` in order (copied there by
+        the merge tasks of a build on many machines, build_tasks.py), as this writer's whole .bin, and append the
+        datasets' documents to the index: the result is the bytes append_datasets gives, without copying the .bin
+        again. The writer then owns `path`: finalize renames it into place, abort removes it."""
+        self._check_dtypes(datasets)
+        expected = sum(dataset.bin_path.stat().st_size for dataset in datasets)
+        size = path.stat().st_size if path.is_file() else None
+        if self.num_documents or size != expected:
+            raise DataError(f"{path}: {size} bytes, not the {expected} of the datasets it should hold (or the writer "
+                            f"already holds documents); merge again")
+        self._bin.close()
+        self._tmp_bin.unlink()
+        self._tmp_bin = path
+        self._bin = open(path, "ab")
+        self._append_lengths(datasets)
+
+    def _check_dtypes(self, datasets: list["IndexedDataset"]) -> None:
         for dataset in datasets:
             if dataset.dtype != self.dtype:
                 raise DataError(f"{dataset.idx_path}: token dtype {dataset.dtype} differs from the output's "
                                 f"{self.dtype}")
-        self._bin.flush()
-        start = self._bin.tell()
-        pieces, offset = [], start  # (source, its offset, length, output offset), at most _COPY_PIECE each
-        for dataset in datasets:
-            size = dataset.bin_path.stat().st_size
-            pieces += [(dataset.bin_path, at, min(_COPY_PIECE, size - at), offset + at)
-                       for at in range(0, size, _COPY_PIECE)]
-            offset += size
-        os.ftruncate(self._bin.fileno(), offset)
-        with ThreadPoolExecutor(max(1, min(workers, os.cpu_count() or 1))) as pool:
-            list(pool.map(lambda piece: _copy_range(*piece, self._bin.fileno()), pieces))
-        self._bin.seek(offset)
+
+    def _append_lengths(self, datasets: list["IndexedDataset"]) -> None:
         for dataset in datasets:
             for first in range(0, len(dataset), _CHUNK):
                 self._lengths.write(np.asarray(dataset.sequence_lengths[first:first + _CHUNK], np.int32).tobytes())
@@ -258,13 +274,35 @@ def _copy_range(source: Path, offset: int, length: int, output_offset: int, outp
             done += copied
 
 
-def merge_datasets(prefixes: list[str | Path], output_prefix: str | Path, workers: int = 1) -> IndexedDataset:
+def copy_bins(paths: list[Path], output: int, start: int, workers: int = 1) -> int:
+    """Copy the files `paths`, one after another, into the descriptor `output` from its byte `start` (the output
+    already that long: ftruncate'd); returns the end. `workers` threads copy at once (no more than the cores: a copy
+    from the page cache is CPU work), each range by the kernel (_copy_block), not through Python, in pieces of
+    _COPY_PIECE so that threads share out a few large files. The output's other bytes are not touched: the merge
+    tasks of a build on many machines each copy their range of one file this way."""
+    pieces, offset = [], start  # (source, its offset, length, output offset)
+    for path in paths:
+        size = path.stat().st_size
+        pieces += [(path, at, min(_COPY_PIECE, size - at), offset + at) for at in range(0, size, _COPY_PIECE)]
+        offset += size
+    with ThreadPoolExecutor(max(1, min(workers, os.cpu_count() or 1))) as pool:
+        list(pool.map(lambda piece: _copy_range(*piece, output), pieces))
+    return offset
+
+
+def merge_datasets(prefixes: list[str | Path], output_prefix: str | Path, workers: int = 1,
+                   copied_bin: Path | None = None) -> IndexedDataset:
     """Concatenate several prefixes (same dtype) into one, in the order given: the bytes one IndexedDatasetWriter
     writes for the same documents. `workers` threads copy the .bin ranges at once (worth it where the storage
-    serves parallel streams, a parallel filesystem or NVMe; docs/data.md has the measurement)."""
+    serves parallel streams, a parallel filesystem or NVMe; docs/data.md has the measurement). With `copied_bin`
+    (a temporary .bin the merge tasks of a build on many machines filled), that file becomes the .bin and only the
+    index is written (IndexedDatasetWriter.adopt_bin)."""
     datasets = [IndexedDataset(prefix) for prefix in prefixes]
     if not datasets:
         raise DataError("nothing to merge: no input prefixes")
     with IndexedDatasetWriter(output_prefix, datasets[0].dtype) as writer:
-        writer.append_datasets(datasets, workers)
+        if copied_bin is None:
+            writer.append_datasets(datasets, workers)
+        else:
+            writer.adopt_bin(copied_bin, datasets)
     return IndexedDataset(output_prefix)

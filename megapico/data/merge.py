@@ -14,16 +14,18 @@ from megapico.data.indexed_dataset import IndexedDataset, merge_datasets
 from megapico.data.provenance import merged_record, remove_record, write_record
 
 
-def merge_prefixes(prefixes: list[str | Path], output_prefix: str | Path, workers: int = 1) -> IndexedDataset:
+def merge_prefixes(prefixes: list[str | Path], output_prefix: str | Path, workers: int = 1,
+                   copied_bin: Path | None = None) -> IndexedDataset:
     """Concatenate `prefixes` in the order given into `output_prefix`, copying the .bin files with `workers`
-    threads. The merged record is written when every prefix has one (two tokenizers are refused before anything is
-    written), the document sources when every prefix has them."""
+    threads, or taking `copied_bin` as the .bin where merge tasks already copied them (merge_datasets). The merged
+    record is written when every prefix has one (two tokenizers are refused before anything is written), the document
+    sources when every prefix has them."""
     record = merged_record(prefixes)
     with_sources = all(has_document_sources(prefix) for prefix in prefixes)
     remove_record(output_prefix)
     for path in document_sources_paths(output_prefix):
         path.unlink(missing_ok=True)
-    merged = merge_datasets(prefixes, output_prefix, workers)
+    merged = merge_datasets(prefixes, output_prefix, workers, copied_bin)
     if with_sources:
         merge_document_sources(prefixes, output_prefix)
     if record is not None:
