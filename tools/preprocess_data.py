@@ -6,7 +6,8 @@ Megatron's command line works unchanged (this one is examples/cpu_demo.sh's, on 
         --append-eod --workers 2
 Outputs `{output_prefix}_{key}_document.{bin,idx}` for every --json-keys key, and beside them
 `{output_prefix}_{key}_document.megapico.json`: the tokenizer's fingerprint and the largest token id, which
-training checks against its tokenizer and model.vocab_size. Input with no documents is an error; nothing is written.
+training checks against its tokenizer and model.vocab_size, and `.sources.{json,bin}`: each document's input file and
+line (or row), which tools/trace_data.py reads. Input with no documents is an error; nothing is written.
 
 The same build on many machines: one task per input file under OUTPUT_PREFIX.tasks/, run by datatrove's executors,
 then merged into the same bytes (docs/data.md#dolma-on-many-machines). Add to the flags above:
