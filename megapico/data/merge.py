@@ -7,10 +7,11 @@ record or a sources file must never describe data it was not written with. The r
 with a record is complete.
 """
 
+import os
 from pathlib import Path
 
 from megapico.data.document_sources import document_sources_paths, has_document_sources, merge_document_sources
-from megapico.data.indexed_dataset import IndexedDataset, merge_datasets
+from megapico.data.indexed_dataset import IndexedDataset, data_file_paths, merge_datasets
 from megapico.data.provenance import merged_record, remove_record, write_record
 
 
@@ -31,3 +32,23 @@ def merge_prefixes(prefixes: list[str | Path], output_prefix: str | Path, worker
     if record is not None:
         write_record(output_prefix, record)
     return merged
+
+
+def move_prefix(prefix: str | Path, output_prefix: str | Path) -> IndexedDataset:
+    """merge_prefixes of one prefix no one needs afterwards (preprocess's lone part, a task of a build on many
+    machines): its .bin/.idx and document sources renamed into place, not copied (they lie beside the output, on its
+    filesystem). As in a write, the output's old record and sources go first and its old .idx before the new .bin
+    arrives, so an old file is never paired with a new one. A prefix's record is its builder's to write."""
+    remove_record(output_prefix)
+    for path in document_sources_paths(output_prefix):
+        path.unlink(missing_ok=True)
+    (bin_from, idx_from), (bin_to, idx_to) = data_file_paths(prefix), data_file_paths(output_prefix)
+    idx_to.unlink(missing_ok=True)
+    os.replace(bin_from, bin_to)
+    os.replace(idx_from, idx_to)
+    if has_document_sources(prefix):
+        (header, entries), (final_header, final_entries) = map(document_sources_paths, (prefix, output_prefix))
+        os.replace(entries, final_entries)  # the header last: it is what has_document_sources looks for first
+        os.replace(header, final_header)
+    return IndexedDataset(output_prefix)
+

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from megapico.data.document_sources import DocumentSourcesWriter, has_document_sources
 from megapico.data.encode_chunk import ChunkResult, Documents, encode_here, init_worker, process_chunk
 from megapico.data.indexed_dataset import DataError, IndexedDataset, IndexedDatasetWriter, token_dtype
-from megapico.data.merge import merge_prefixes
+from megapico.data.merge import merge_prefixes, move_prefix
 from megapico.data.provenance import data_record, max_token_id, remove_record, tokenizer_record, write_record
 from megapico.data.readers import (
     MAX_DOCUMENT_BYTES,
@@ -320,5 +320,8 @@ def _build_parts_and_merge(sources: list[str], sizes: dict[str, int], build: _Bu
         shutil.rmtree(parts_dir)  # empty parts: nothing worth resuming from
         raise
     for key, prefixes in part_prefixes.items():
-        merge_prefixes(prefixes, outputs[key], options.workers)
+        if len(prefixes) == 1:  # one source (each task of a build on many machines): its part is the output
+            move_prefix(prefixes[0], outputs[key])
+        else:
+            merge_prefixes(prefixes, outputs[key], options.workers)
     shutil.rmtree(parts_dir)
