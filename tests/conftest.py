@@ -1,4 +1,6 @@
 import os
+import shutil
+import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -11,6 +13,18 @@ import pytest  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE_DOCUMENTS = REPO / "data" / "sample" / "documents"
 TOKENIZER = REPO / "data" / "tokenizers" / "olmo-gpt-neox-dolma-v1_5.json"
+
+
+def slurm_cluster_up(command: str) -> bool:
+    """Whether a SLURM cluster with an idle node answers here and `command` (srun, sbatch) is installed: the SLURM
+    tests run where scripts/ci_launchers.sh could set one up, and skip elsewhere."""
+    if shutil.which(command) is None or shutil.which("sinfo") is None:
+        return False
+    try:
+        states = subprocess.run(["sinfo", "-h", "-o", "%a %T"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return any(line.startswith("up ") and "idle" in line for line in states.splitlines())
 
 
 @pytest.fixture(scope="session")

@@ -8,14 +8,13 @@ import gzip
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
-from conftest import REPO, SAMPLE_DOCUMENTS, TOKENIZER
+from conftest import REPO, SAMPLE_DOCUMENTS, TOKENIZER, slurm_cluster_up
 from preprocess_data import main
 
 import megapico.data.indexed_dataset as indexed_dataset
@@ -226,18 +225,8 @@ def test_a_local_ray_cluster_writes_the_single_machine_bytes(documents, tmp_path
     assert _outputs(tmp_path / "tasks") == expected
 
 
-def _slurm_cluster_up():
-    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
-        return False
-    try:
-        states = subprocess.run(["sinfo", "-h", "-o", "%a %T"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return any(line.startswith("up ") and "idle" in line for line in states.splitlines())
-
-
-@pytest.mark.skipif(not _slurm_cluster_up(), reason="no idle SLURM cluster reachable from here "
-                                                    "(scripts/ci_launchers.sh sets one up as root)")
+@pytest.mark.skipif(not slurm_cluster_up("sbatch"), reason="no idle SLURM cluster reachable from here "
+                                                          "(scripts/ci_launchers.sh sets one up as root)")
 @pytest.mark.parametrize("merge_tasks", ["1", "2"])
 def test_a_slurm_job_array_writes_the_single_machine_bytes(documents, tmp_path, capsys, merge_tasks):
     expected = _single_machine(documents, tmp_path / "single")

@@ -15,26 +15,15 @@ import time
 
 import psutil
 import pytest
-from conftest import REPO
+from conftest import REPO, slurm_cluster_up
 from conftest import training_overrides as overrides
 from distributed import train
 
 from megapico.checkpoint.manifest import read_manifest
 from megapico.training.preemption import reader_is_gone
 
-
-def _slurm_cluster_up() -> bool:
-    if shutil.which("srun") is None or shutil.which("sinfo") is None:
-        return False
-    try:
-        states = subprocess.run(["sinfo", "-h", "-o", "%a %T"], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return any(line.startswith("up ") and "idle" in line for line in states.splitlines())
-
-
 needs_mpirun = pytest.mark.skipif(shutil.which("mpirun") is None, reason="no Open MPI mpirun on this machine")
-needs_slurm = pytest.mark.skipif(not _slurm_cluster_up(), reason="no idle SLURM cluster reachable from here")
+needs_slurm = pytest.mark.skipif(not slurm_cluster_up("srun"), reason="no idle SLURM cluster reachable from here")
 RUN = ("runs", "megapico-run")
 
 
